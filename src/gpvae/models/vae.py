@@ -1,0 +1,28 @@
+"""The VAE (Kingma & Welling, 2014): the amortized diagonal-Gaussian encoder, eq. (3)
+with deterministic f = b(x), h = c(x), i.e. q(z|x) = N(b(x), Diag(c(x))^2)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.distributions import Independent, Normal
+
+from ..networks import GaussianEncoder
+from .base import LatentVariableModel, ModelConfig
+
+
+@dataclass
+class VAEConfig(ModelConfig):
+    """The VAE has no options beyond the generative model's."""
+
+
+class VAE(LatentVariableModel):
+    config_class = VAEConfig
+
+    def __init__(self, config: VAEConfig, image_shape):
+        super().__init__(config, image_shape)
+        self.encoder = GaussianEncoder(self.arch, config.latent_dim)
+
+    def posterior(self, x: torch.Tensor) -> Independent:
+        mean, std = self.encoder(x)
+        return Independent(Normal(mean, std), 1)

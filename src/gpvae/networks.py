@@ -1,0 +1,186 @@
+"""Encoder and decoder networks of the paper's supplement (Sec. 8, Tab. 6-8) and Sec. 11.
+
+* Tab. 6 (28x28x1, MNIST/OMNIGLOT): three 4x4 stride-2 convolutions (32, 32, 64 channels,
+  LeakyReLU(0.01)), FC h=256 (LeakyReLU(0.01)), FC 2d.  Decoder: FC 256, FC 3*3*64 (ReLU),
+  transposed convolutions 32, 32, 1 (4x4, stride 2; ReLU between).
+* Tab. 7 (32x32x3, CIFAR10/SVHN): the same with h=512 and a 4*4*64 decoder seed.
+* Tab. 8 (64x64x3, CelebA): four convolutions (32, 32, 64, 64), h=512; decoder
+  FC 512, FC 4*4*64, transposed convolutions 64, 32, 32, 3.
+
+"The paddings are properly adjusted to match the input/output dimensions" (Tab. 6 caption):
+we use padding 1 everywhere, and output_padding 1 in the first transposed convolution of
+Tab. 6 (3 -> 7).  The decoder's last layer has no activation (the table lists none): it
+outputs the Gaussian mean, or the Bernoulli logits.
+
+The encoder is split into a *trunk* (all but the last FC layer, output dimension h) and a
+*head* (the last FC layer, 2d outputs).  The GPVAE's feature networks psi^m, psi^s (Sec. 5,
+"Network architectures") are exactly a trunk: :class:`EncoderTrunk`.
+
+Sec. 11's fully-connected decoder has two hidden layers whose width is solved so that its
+parameter count equals the convolutional decoder's (:func:`fc_decoder_width`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One row of Tab. 6/7/8: everything that depends on the image shape."""
+
+    image_shape: tuple[int, int, int]
+    enc_channels: tuple[int, ...]
+    hidden: int  # h
+    dec_seed: tuple[int, int, int]  # (channels, height, width) after the decoder's FC layers
+    dec_channels: tuple[int, ...]  # transposed-conv output channels, the last = image channels
+    dec_output_padding: tuple[int, ...]
+
+
+ARCHITECTURES: dict[tuple[int, int, int], Architecture] = {
+    (1, 28, 28): Architecture((1, 28, 28), (32, 32, 64), 256, (64, 3, 3), (32, 32, 1), (1, 0, 0)),
+    (3, 32, 32): Architecture((3, 32, 32), (32, 32, 64), 512, (64, 4, 4), (32, 32, 3), (0, 0, 0)),
+    (3, 64, 64): Architecture(
+        (3, 64, 64), (32, 32, 64, 64), 512, (64, 4, 4), (64, 32, 32, 3), (0, 0, 0, 0)
+    ),
+}
+
+
+def architecture_for(image_shape) -> Architecture:
+    """The Tab. 6/7/8 architecture for an image shape (C, H, W)."""
+    key = tuple(int(s) for s in image_shape)
+    if key not in ARCHITECTURES:
+        known = ", ".join("x".join(map(str, k)) for k in ARCHITECTURES)
+        raise ConfigError(f"no network architecture for images of shape {key}; known: {known}")
+    return ARCHITECTURES[key]
+
+
+def _leaky() -> nn.Module:
+    return nn.LeakyReLU(0.01)
+
+
+class EncoderTrunk(nn.Module):
+    """Convolutions + the first FC layer of the encoder: x (B,C,H,W) -> features (B, h).
+
+    Used as the VAE encoder's body and, unchanged, as the GPVAE's feature networks psi(x).
+    """
+
+    def __init__(self, arch: Architecture):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in, size = arch.image_shape[0], arch.image_shape[1]
+        for c_out in arch.enc_channels:
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), _leaky()]
+            c_in, size = c_out, (size + 2 - 4) // 2 + 1
+        layers += [nn.Flatten(), nn.Linear(c_in * size * size, arch.hidden), _leaky()]
+        self.net = nn.Sequential(*layers)
+        self.out_features = arch.hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class GaussianEncoder(nn.Module):
+    """Tab. 6/7/8 encoder: x -> (mean, std) of a diagonal Gaussian, each (B, d).
+
+    The last FC layer outputs 2d numbers; the second half is mapped to a positive
+    standard deviation with softplus (plus a small floor for numerical safety).
+    """
+
+    def __init__(self, arch: Architecture, latent_dim: int, min_std: float = 1e-4):
+        super().__init__()
+        self.trunk = EncoderTrunk(arch)
+        self.head = nn.Linear(arch.hidden, 2 * latent_dim)
+        self.latent_dim = latent_dim
+        self.min_std = min_std
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, pre_std = self.head(self.trunk(x)).chunk(2, dim=-1)
+        return mean, nn.functional.softplus(pre_std) + self.min_std
+
+
+class ConvDecoder(nn.Module):
+    """Tab. 6/7/8 decoder: z (..., d) -> image-shaped output (..., C, H, W).
+
+    Any number of leading batch dimensions is accepted (they are flattened for the
+    convolutions), so K importance samples x B images decode in one call.
+    """
+
+    def __init__(self, arch: Architecture, latent_dim: int):
+        super().__init__()
+        seed = arch.dec_seed
+        self.seed_shape = seed
+        self.fc = nn.Sequential(
+            nn.Linear(latent_dim, arch.hidden),
+            nn.ReLU(),
+            nn.Linear(arch.hidden, seed[0] * seed[1] * seed[2]),
+            nn.ReLU(),
+        )
+        layers: list[nn.Module] = []
+        c_in = seed[0]
+        n = len(arch.dec_channels)
+        for i, (c_out, op) in enumerate(zip(arch.dec_channels, arch.dec_output_padding)):
+            layers.append(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, output_padding=op))
+            if i < n - 1:
+                layers.append(nn.ReLU())
+            c_in = c_out
+        self.deconv = nn.Sequential(*layers).to(memory_format=torch.channels_last)
+        self.image_shape = arch.image_shape
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        lead = z.shape[:-1]
+        h = self.fc(z.reshape(-1, z.shape[-1])).view(-1, *self.seed_shape)
+        # channels-last (NHWC) is the layout oneDNN's (and cuDNN's) fast kernels want: on
+        # 2 CPU cores it makes the decoder ~1.5x faster (see docs/benchmarks.md).
+        out = self.deconv(h.contiguous(memory_format=torch.channels_last))
+        return out.reshape(*lead, *self.image_shape)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def fc_decoder_width(arch: Architecture, latent_dim: int) -> int:
+    """Hidden width H of Sec. 11's two-hidden-layer FC decoder with the conv decoder's size.
+
+    Solves (d+1)H + (H+1)H + (H+1)D = P_conv for H, D = number of pixels.
+    """
+    target = count_parameters(ConvDecoder(arch, latent_dim))
+    d, out = latent_dim, math.prod(arch.image_shape)
+    # H^2 + (d + 2 + D) H + (D - target) = 0
+    b, c = d + 2 + out, out - target
+    return max(1, round((-b + math.sqrt(b * b - 4 * c)) / 2))
+
+
+class FCDecoder(nn.Module):
+    """Sec. 11's fully-connected decoder: z -> FC H, ReLU -> FC H, ReLU -> FC C*H*W."""
+
+    def __init__(self, arch: Architecture, latent_dim: int, width: int | None = None):
+        super().__init__()
+        width = width or fc_decoder_width(arch, latent_dim)
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim, width),
+            nn.ReLU(),
+            nn.Linear(width, width),
+            nn.ReLU(),
+            nn.Linear(width, math.prod(arch.image_shape)),
+        )
+        self.image_shape = arch.image_shape
+        self.width = width
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z).view(*z.shape[:-1], *self.image_shape)
+
+
+DECODERS = {"conv": ConvDecoder, "fc": FCDecoder}
+
+
+def make_decoder(kind: str, arch: Architecture, latent_dim: int) -> nn.Module:
+    if kind not in DECODERS:
+        raise ConfigError(f"unknown decoder {kind!r}; choose from {', '.join(DECODERS)}")
+    return DECODERS[kind](arch, latent_dim)

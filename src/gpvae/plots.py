@@ -1,0 +1,64 @@
+"""Figures, written once against the model interface (decode, posterior, likelihood.mean)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import atomic_write_bytes
+
+
+def _to_uint8_grid(images: torch.Tensor, ncol: int) -> torch.Tensor:
+    """(N, C, H, W) in [0,1] -> (rows*H, ncol*W, C) uint8 with 2-pixel gutters."""
+    n, c, h, w = images.shape
+    rows = (n + ncol - 1) // ncol
+    grid = torch.ones(c, rows * (h + 2), ncol * (w + 2))
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        grid[:, r * (h + 2) + 1:r * (h + 2) + 1 + h, col * (w + 2) + 1:col * (w + 2) + 1 + w] = images[i]
+    return (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+
+
+@torch.no_grad()
+def reconstructions_and_samples(models: dict, x: torch.Tensor, path, n_samples: int = 16,
+                                seed: int = 0) -> Path:
+    """PNG: the test images, then each model's reconstructions (decoded posterior means) and
+    samples from p(x|z), z ~ N(0, I); one labelled band per model."""
+    from PIL import Image, ImageDraw
+
+    bands = [("test images", x.cpu())]
+    gen = torch.Generator().manual_seed(seed)
+    for name, model in models.items():
+        model.eval()
+        device = next(model.parameters()).device
+        q = model.posterior(x.to(device))
+        rec = model.likelihood.mean(model.decode(q.mean)).cpu()
+        z = torch.randn(n_samples, model.latent_dim, generator=gen).to(device)
+        samples = model.likelihood.mean(model.decode(z)).cpu()
+        bands += [(f"{name}: reconstructions", rec), (f"{name}: samples", samples)]
+    ncol = max(x.shape[0], n_samples)
+    label_h = 14
+    pieces = []
+    for label, imgs in bands:
+        grid = _to_uint8_grid(imgs, ncol)
+        if grid.shape[2] == 1:
+            grid = grid.expand(-1, -1, 3)
+        band = Image.new("RGB", (grid.shape[1], grid.shape[0] + label_h), "white")
+        band.paste(Image.fromarray(grid.contiguous().numpy()), (0, label_h))
+        ImageDraw.Draw(band).text((2, 1), label, fill="black")
+        pieces.append(band)
+    width = max(p.width for p in pieces)
+    canvas = Image.new("RGB", (width, sum(p.height for p in pieces)), "white")
+    y = 0
+    for p in pieces:
+        canvas.paste(p, (0, y))
+        y += p.height
+    scale = 2
+    canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.NEAREST)
+    import io
+
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    path = Path(path)
+    atomic_write_bytes(path, buf.getvalue())
+    return path

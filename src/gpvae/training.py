@@ -1,0 +1,240 @@
+"""A plain training loop (in the spirit of nanoGPT): Adam, mini-batches, per-epoch validation.
+
+Run directory layout (``--out``)::
+
+    config.json        the TrainConfig (what to build, which data, which seeds)
+    last.safetensors   model + optimizer + history after the last finished epoch (for --resume)
+    best.safetensors   model at the epoch with the best validation ELBO (what evaluate uses)
+    metrics.csv        one row per epoch
+    tensorboard/       the same metrics, when TensorBoard is installed
+
+Determinism and resume: every epoch reseeds the global RNGs from (seed, epoch) before it
+shuffles, samples or binarizes, and checkpoints are written atomically at the end of each
+epoch.  A run killed at any point and restarted with ``--resume`` therefore replays the
+unfinished epoch exactly and ends with the same weights and metrics as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .errors import CheckpointError, ConfigError, TrainingDivergedError
+from .evaluation import estimate
+from .progress import progress_bar
+
+CONFIG_FILE = "config.json"
+LAST = "last.safetensors"
+BEST = "best.safetensors"
+METRICS = "metrics.csv"
+METRIC_FIELDS = ["epoch", "train_objective", "train_rec", "train_kl", "valid_elbo", "seconds"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run.  Defaults follow the paper's Sec. 8 except ``epochs``."""
+
+    out: str = "runs/run"
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    model: str = "vae"
+    model_options: dict = field(default_factory=dict)  # the model config's fields
+    epochs: int = 20  # paper: 2000
+    batch_size: int = 128
+    lr: float = 5e-4
+    seed: int = 0  # initialization, shuffling, sampling
+    split_seed: int = 0  # the train/validation split
+    limit_train: int | None = None
+    limit_test: int | None = None
+    valid_samples: int = 1  # importance samples per validation image for the ELBO
+    device: str = "auto"
+
+    def validate(self) -> None:
+        def positive(name, value, allow_none=False):
+            if value is None and allow_none:
+                return
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
+
+        positive("epochs", self.epochs)
+        positive("batch_size", self.batch_size)
+        positive("valid_samples", self.valid_samples)
+        positive("limit_train", self.limit_train, allow_none=True)
+        positive("limit_test", self.limit_test, allow_none=True)
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr!r}")
+        resolve_device(self.device)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; reject devices that are not present."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device (try cpu, cuda, cuda:0 or auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is available (use --device cpu)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r} is not supported (cpu, cuda or auto)")
+    return dev
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + 12_345) % (2**63)
+
+
+def _metrics_csv(history: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS)
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: row.get(k) for k in METRIC_FIELDS})
+    return buf.getvalue()
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed: CSV only
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def read_config(run_dir) -> TrainConfig:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a gpvae run directory (no {CONFIG_FILE}); "
+                              "create one with `gpvae train --out DIR`")
+    try:
+        return TrainConfig(**json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise CheckpointError(f"{path} is corrupt ({type(exc).__name__})") from None
+
+
+def build_from_config(cfg: TrainConfig, image_shape):
+    from .models import build_model
+
+    return build_model(cfg.model, image_shape, **cfg.model_options)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print) -> dict:
+    """Train (or resume) a run; return the final summary (best epoch and its valid ELBO)."""
+    from .data import load_splits
+
+    cfg.validate()
+    out = Path(cfg.out)
+    device = resolve_device(cfg.device)
+    if resume:
+        saved = read_config(out)
+        mutable = {"epochs", "device", "out", "data_dir"}
+        fixed = {k: v for k, v in asdict(cfg).items() if k not in mutable}
+        differ = sorted(k for k, v in asdict(saved).items() if k not in mutable and fixed.get(k) != v)
+        if differ:
+            raise ConfigError(f"--resume: {', '.join(differ)} differ from the run in {out} "
+                              "(only --epochs, --device and --data-dir may change when resuming)")
+        if not (out / LAST).is_file():
+            raise CheckpointError(f"--resume: {out / LAST} not found (nothing to resume)")
+    elif (out / LAST).exists():
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it "
+                          "or choose another --out")
+
+    # Build (and validate) the model before loading data so bad options fail fast.
+    from .data import IMAGE_SHAPES
+
+    if cfg.dataset not in IMAGE_SHAPES:
+        from .errors import DataError
+
+        raise DataError(f"unknown data set {cfg.dataset!r}; choose from {', '.join(IMAGE_SHAPES)}")
+    torch.manual_seed(cfg.seed)
+    model = build_from_config(cfg, IMAGE_SHAPES[cfg.dataset]).to(device)
+    splits = load_splits(cfg.dataset, cfg.data_dir, split_seed=cfg.split_seed,
+                         limit_train=cfg.limit_train, limit_test=cfg.limit_test)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+    history: list[dict] = []
+    best = {"epoch": 0, "valid_elbo": -math.inf}
+    start_epoch = 0
+    if resume:
+        meta = load_checkpoint(out / LAST, model, optimizer)
+        history, best, start_epoch = meta["history"], meta["best"], meta["epoch"]
+        log(f"resuming {out} after epoch {start_epoch}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / CONFIG_FILE, json.dumps(asdict(cfg), indent=2) + "\n")
+
+    train_data = splits.train.to(device) if device.type == "cuda" else splits.train
+    n_train = len(train_data)
+    steps = math.ceil(n_train / cfg.batch_size)
+    writer = _tensorboard(out)
+    bar = progress_bar((cfg.epochs - start_epoch) * steps, unit="step", enabled=progress)
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        torch.manual_seed(epoch_seed(cfg.seed, epoch))  # seeds CPU and all CUDA devices
+        perm = torch.randperm(n_train, device=train_data.images.device)
+        model.train()
+        sums = {"train_objective": 0.0, "train_rec": 0.0, "train_kl": 0.0}
+        for step in range(steps):
+            idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            x = model.likelihood.prepare(train_data.batch(idx, device))
+            objective, diag = model.training_objective(x, n_train)
+            loss = -objective.mean()
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+                    f"of {steps}; the last good checkpoint is {out / LAST}"
+                    " (try a smaller --lr or another --seed)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            w = x.shape[0] / n_train
+            sums["train_objective"] += w * -loss.item()
+            sums["train_rec"] += w * float(diag.get("rec", float("nan")))
+            sums["train_kl"] += w * float(diag.get("kl", float("nan")))
+            bar.update(1)
+            bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
+        valid = estimate(model, splits.valid, samples=cfg.valid_samples, batch_size=500,
+                         device=device, seed=cfg.seed, progress=False).summary()["test_elbo"]
+        row = {"epoch": epoch + 1, **sums, "valid_elbo": valid,
+               "seconds": time.perf_counter() - t0}
+        history.append(row)
+        bar.set_postfix(valid_elbo=f"{valid:.1f}")
+        if writer is not None:
+            for k, v in row.items():
+                if k != "epoch":
+                    writer.add_scalar(k, v, epoch + 1)
+        if valid > best["valid_elbo"]:
+            best = {"epoch": epoch + 1, "valid_elbo": valid}
+            save_checkpoint(out / BEST, model, {"epoch": epoch + 1, "config": asdict(cfg),
+                                                "best": best})
+        save_checkpoint(out / LAST, model, {"epoch": epoch + 1, "config": asdict(cfg),
+                                            "history": history, "best": best}, optimizer)
+        atomic_write_text(out / METRICS, _metrics_csv(history))
+    bar.close()
+    if writer is not None:
+        writer.close()
+    return {"run_dir": str(out), "epochs": cfg.epochs, "best_epoch": best["epoch"],
+            "best_valid_elbo": best["valid_elbo"],
+            "last_valid_elbo": history[-1]["valid_elbo"] if history else None}
+
+
+def load_run(run_dir, which: str = "best", device="cpu"):
+    """(model, TrainConfig) of a finished or running run, weights from best/last checkpoint."""
+    cfg = read_config(run_dir)
+    from .data import IMAGE_SHAPES
+
+    model = build_from_config(cfg, IMAGE_SHAPES[cfg.dataset])
+    name = {"best": BEST, "last": LAST}.get(which)
+    if name is None:
+        raise ConfigError(f"--checkpoint must be 'best' or 'last', got {which!r}")
+    load_checkpoint(Path(run_dir) / name, model)
+    return model.to(device).eval(), cfg

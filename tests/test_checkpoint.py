@@ -1,0 +1,60 @@
+"""Checkpoints: round trip, atomic writes, and refusal of code-executing files."""
+import os
+import pickle
+
+import pytest
+import torch
+
+from gpvae.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from gpvae.errors import CheckpointError
+from gpvae.models import build_model
+
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_round_trip_with_optimizer(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("vae", (1, 28, 28), latent_dim=4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss = -model.training_objective(torch.rand(3, 1, 28, 28), 10)[0].mean()
+    loss.backward()
+    opt.step()
+    save_checkpoint(tmp_path / "c.safetensors", model, {"epoch": 3, "note": "x"}, opt)
+    model2 = build_model("vae", (1, 28, 28), latent_dim=4)
+    opt2 = torch.optim.Adam(model2.parameters(), lr=1e-3)
+    meta = load_checkpoint(tmp_path / "c.safetensors", model2, opt2)
+    assert meta["epoch"] == 3
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    for k in s1["state"]:
+        for name in s1["state"][k]:
+            assert torch.equal(torch.as_tensor(s1["state"][k][name]),
+                               torch.as_tensor(s2["state"][k][name]))
+    assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] == []
+
+
+def test_pickle_that_runs_code_is_refused_and_does_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "best.safetensors"
+    path.write_bytes(pickle.dumps(Evil(marker)))
+    with pytest.raises(CheckpointError, match="not a valid gpvae checkpoint"):
+        read_checkpoint(path)
+    assert not marker.exists()
+    # the same payload as a torch.save file (zip + pickle) is refused too
+    torch.save({"x": Evil(marker)}, path)
+    with pytest.raises(CheckpointError):
+        read_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_mismatched_model_is_a_clear_error(tmp_path):
+    save_checkpoint(tmp_path / "c.safetensors", build_model("vae", (1, 28, 28), latent_dim=4), {})
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_checkpoint(tmp_path / "c.safetensors", build_model("vae", (1, 28, 28), latent_dim=5))
