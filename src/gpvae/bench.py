@@ -95,3 +95,136 @@ def bench_iwae(args) -> dict:
         print(f"  FLOP floor: {result['gflop_per_image']:.3f} GFLOP/image -> "
               f"{result['achieved_gflop_per_s']:.1f} GFLOP/s achieved")
     return result
+
+
+def _encoder_floor_flops(model) -> int:
+    """FLOPs of one image's q(z|x) -- the networks plus, for the GPVAE, eq. (13)'s extra work.
+
+    GPVAE: three Tab. 6-8 encoders' worth of networks (b/c encoder, psi^m, psi^s), the two
+    mean terms mu_j^T psi^m, eta_j^T psi^s (2 x 2dp), and the 2d quadratic forms of eq. (13)
+    in the symmetric outer-product form (2 x (2d + 1) p(p+1)/2: the p(p+1)/2 products
+    psi_k psi_l once, then d dot products of that length).
+    """
+    x = torch.zeros(1, *model.image_shape)
+    total = forward_flops(model.encoder, x)
+    for name in ("psi_m", "psi_s"):
+        if hasattr(model, name):
+            total += forward_flops(getattr(model, name), x)
+    if hasattr(model, "psi_m"):
+        d, p = model.latent_dim, model.arch.hidden
+        tri = p * (p + 1) // 2
+        total += 2 * 2 * d * p + 2 * (2 * d + 1) * tri
+    return total
+
+
+def _test_batches(dataset: str, data_dir, batch_size: int, limit: int | None, device):
+    from .data import load_splits
+
+    test = load_splits(dataset, data_dir, limit_train=1, limit_test=limit).test
+    return [test.batch(slice(i, i + batch_size), device) for i in range(0, len(test), batch_size)]
+
+
+def _posterior_pass(model, batches):
+    def one_pass():
+        with torch.inference_mode():
+            for x in batches:
+                q = model.posterior(x)
+                q.mean, q.stddev  # materialise the parameters of q(z|x)
+
+    return one_pass
+
+
+def time_posterior(model, batches, repeats: int, device) -> list[float]:
+    """Milliseconds per batch of computing q(z|x) (its mean and scale) over ``batches``:
+    one warm-up pass, then ``repeats`` timed passes (CUDA synchronized)."""
+    one_pass = _posterior_pass(model, batches)
+    one_pass()  # warm-up
+    return [_time(one_pass, 1, device) / len(batches) * 1e3 for _ in range(repeats)]
+
+
+def bench_inference(args) -> dict:
+    """Paper Tab. 5 protocol: per-batch time of computing q(z|x) over the test set.
+
+    The models' timed passes are interleaved (VAE, GPVAE, VAE, GPVAE, ...) so that each
+    ratio compares passes taken at nearly the same moment on a noisy machine."""
+    from .data import IMAGE_SHAPES
+
+    device = resolve_device(args.device)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    if "vae" not in names:
+        names = ["vae"] + names
+    batches = _test_batches(args.dataset, args.data_dir, args.batch_size, args.limit_test, device)
+    models, passes = {}, {}
+    for name in names:
+        torch.manual_seed(0)
+        model = build_model(name, IMAGE_SHAPES[args.dataset], latent_dim=args.latent_dim)
+        models[name] = model.to(device).eval()
+        passes[name] = _posterior_pass(models[name], batches)
+        passes[name]()  # warm-up
+    times = {name: [] for name in names}
+    for _ in range(args.repeats):
+        for name in names:
+            times[name].append(_time(passes[name], 1, device) / len(batches) * 1e3)
+    results = {}
+    for name in names:
+        t = times[name]
+        results[name] = {"ms_per_batch": sum(t) / len(t), "ms_per_batch_min": min(t),
+                         "flops_per_image": _encoder_floor_flops(models[name])}
+    vae = results["vae"]
+    for r in results.values():
+        r["ratio_to_vae"] = r["ms_per_batch"] / vae["ms_per_batch"]
+        r["flop_ratio_to_vae"] = r["flops_per_image"] / vae["flops_per_image"]
+    out = {"device": str(device), "threads": torch.get_num_threads(), "dataset": args.dataset,
+           "latent_dim": args.latent_dim, "batch_size": args.batch_size,
+           "batches": len(batches), "repeats": args.repeats, "models": results}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"q(z|x) inference time per batch of {args.batch_size}, {args.dataset} test set "
+              f"({len(batches)} batches), d={args.latent_dim}, {device} "
+              f"({out['threads']} threads), mean of {args.repeats} passes after a warm-up")
+        print(f"{'model':<10} {'ms/batch':>9} {'ratio to VAE':>13} {'FLOP floor ratio':>17}")
+        for name, r in results.items():
+            print(f"{name:<10} {r['ms_per_batch']:>9.2f} {r['ratio_to_vae']:>13.2f} "
+                  f"{r['flop_ratio_to_vae']:>17.2f}")
+    return out
+
+
+def bench_train(args) -> dict:
+    """Time of one training step (objective, backward, Adam) per model, ratio to the VAE."""
+    from .data import IMAGE_SHAPES, load_splits
+
+    device = resolve_device(args.device)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    if "vae" not in names:
+        names = ["vae"] + names
+    train_data = load_splits(args.dataset, args.data_dir, limit_train=args.batch_size * 4).train
+    x = train_data.batch(slice(0, args.batch_size), device)
+    results = {}
+    for name in names:
+        torch.manual_seed(0)
+        model = build_model(name, IMAGE_SHAPES[args.dataset], latent_dim=args.latent_dim)
+        model = model.to(device).train()
+        opt = torch.optim.Adam(model.parameters(), lr=5e-4)
+
+        def steps():
+            for _ in range(args.steps):
+                obj, _ = model.training_objective(x, 50_000)
+                opt.zero_grad(set_to_none=True)
+                (-obj.mean()).backward()
+                opt.step()
+
+        steps()  # warm-up
+        results[name] = {"ms_per_step": _time(steps, args.repeats, device) / args.steps * 1e3}
+    for r in results.values():
+        r["ratio_to_vae"] = r["ms_per_step"] / results["vae"]["ms_per_step"]
+    out = {"device": str(device), "threads": torch.get_num_threads(), "dataset": args.dataset,
+           "latent_dim": args.latent_dim, "batch_size": args.batch_size, "models": results}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"training step (batch {args.batch_size}, d={args.latent_dim}, {args.dataset}, "
+              f"{device}, {out['threads']} threads), best of {args.repeats} x {args.steps} steps")
+        for name, r in results.items():
+            print(f"{name:<10} {r['ms_per_step']:>9.2f} ms/step  {r['ratio_to_vae']:>6.2f}x VAE")
+    return out

@@ -72,6 +72,7 @@ def _add_data_args(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data import DATASETS
     from .likelihoods import LIKELIHOODS
     from .models import MODELS
     from .networks import DECODERS
@@ -137,6 +138,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    # --- uncertainty ------------------------------------------------------------------
+    p = sub.add_parser("uncertainty", help="per-instance GP uncertainty of a GPVAE run",
+                       description="Per test image: Tr V(f(x)|D) = psi_m(x)^T (sum_j Sigma_j) "
+                       "psi_m(x) and Tr V(h(x)|D) likewise (paper Sec. 3.3, 5.3), written to "
+                       "CSV with summary statistics; also each image's IWAE - ELBO gap and the "
+                       "rank correlation between the two, to see where the Gaussian encoder "
+                       "struggles.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by "
+                   "`gpvae train --model gpvae`")
+    p.add_argument("--csv", help="per-instance output (default RUN_DIR/uncertainty.csv)")
+    p.add_argument("--png", help="also write the least/most uncertain images to this PNG")
+    p.add_argument("--gap-samples", type=nonneg_int, default=100, help="K for the per-image "
+                   "IWAE - ELBO gap (0: skip; default 100)")
+    p.add_argument("--limit-test", type=positive_int, help="only the first N test images")
+    p.add_argument("--data-dir", help="override the run's data directory")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--no-progress", action="store_true")
+
+    # --- export -----------------------------------------------------------------------
+    p = sub.add_parser("export", help="export the marginal encoder x -> (m(x), v(x))",
+                       description="Write the run's amortized encoder x -> (mean, variance) of "
+                       "q(z|x) as one standalone torch.export program (.pt2) with everything "
+                       "that does not depend on x precomputed; load it with "
+                       "torch.export.load(path).module() -- no gpvae needed.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", help="output file (default RUN_DIR/encoder.pt2)")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+
     # --- demo -------------------------------------------------------------------------
     p = sub.add_parser("demo", help="train and evaluate on the bundled real MNIST in minutes",
                        description="Train small models on real MNIST (bundled, no download), "
@@ -167,6 +199,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
+
+    # --- compare ----------------------------------------------------------------------
+    p = sub.add_parser("compare", help="train several models over several seeds, compare IWAE",
+                       description="Train each model with each seed (the seed sets both the "
+                       "initialization and the validation split) with the same budget, "
+                       "evaluate IWAE-K on the same test images and report mean ± sd, paired "
+                       "differences and two-sided t-tests. Resumable: finished runs are reused.")
+    p.add_argument("--out", required=True, help="directory for the runs and results.md/json")
+    p.add_argument("--models", default="vae,gpvae", help="comma-separated; the first is the "
+                   "reference (default vae,gpvae)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--dataset", choices=DATASETS, default="mnist")
+    p.add_argument("--data-dir")
+    p.add_argument("--epochs", type=positive_int, default=20)
+    p.add_argument("--latent-dim", type=positive_int, default=10)
+    p.add_argument("--limit-train", type=positive_int, default=10000)
+    p.add_argument("--limit-test", type=positive_int, default=1000)
+    p.add_argument("--iwae-samples", type=positive_int, default=100)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+
+    # --- bench-inference / bench-train ------------------------------------------------
+    for cmd, text in (("bench-inference", "per-batch q(z|x) inference time (paper Tab. 5)"),
+                      ("bench-train", "time per training step, ratio to the VAE")):
+        p = sub.add_parser(cmd, help=text, description=text + ", for freshly initialised "
+                           "models; every ratio is measured in the same run.")
+        p.add_argument("--dataset", choices=DATASETS, default="mnist")
+        p.add_argument("--data-dir")
+        p.add_argument("--models", default="vae,gpvae", help="comma-separated (default vae,gpvae); "
+                       "the VAE is always included as the reference")
+        p.add_argument("--latent-dim", type=positive_int, default=50, help="default 50 (Tab. 5)")
+        p.add_argument("--batch-size", type=positive_int, default=128)
+        p.add_argument("--repeats", type=positive_int, default=5)
+        p.add_argument("--device", default="auto")
+        p.add_argument("--json", action="store_true")
+        if cmd == "bench-inference":
+            p.add_argument("--limit-test", type=positive_int, help="default: the whole test set")
+        else:
+            p.add_argument("--steps", type=positive_int, default=10, help="steps per repeat")
     return parser
 
 
@@ -246,8 +317,73 @@ def cmd_bench_iwae(args) -> int:
     return 0
 
 
+def _csv_list(text: str, flag: str, kind=str) -> list:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ConfigError(f"{flag} needs at least one value")
+    try:
+        return [kind(t) for t in items]
+    except ValueError:
+        raise ConfigError(f"{flag}: could not read {text!r} as a comma-separated list") from None
+
+
+def cmd_compare(args) -> int:
+    from .experiments import compare
+    from .models import model_class
+
+    models = _csv_list(args.models, "--models")
+    for m in models:
+        model_class(m)
+    seeds = _csv_list(args.seeds, "--seeds", int)
+    result = compare(models, seeds, out=args.out, dataset=args.dataset, data_dir=args.data_dir,
+                     epochs=args.epochs, latent_dim=args.latent_dim,
+                     limit_train=args.limit_train, limit_test=args.limit_test,
+                     iwae_samples=args.iwae_samples, device=args.device,
+                     progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr))
+    from .experiments import markdown_table
+
+    print(markdown_table(result), end="")
+    return 0
+
+
+def cmd_uncertainty(args) -> int:
+    from .uncertainty import run_uncertainty
+
+    run_uncertainty(args)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from .export import export_encoder
+    from .training import load_run
+
+    model, cfg = load_run(args.run_dir, args.checkpoint, "cpu")
+    path = export_encoder(model, args.out or Path(args.run_dir) / "encoder.pt2")
+    print(f"exported the {cfg.model} encoder x -> (mean, variance) of q(z|x) to {path}; load "
+          "it with torch.export.load(path).module()")
+    return 0
+
+
+def cmd_bench_inference(args) -> int:
+    from .bench import bench_inference
+
+    bench_inference(args)
+    return 0
+
+
+def cmd_bench_train(args) -> int:
+    from .bench import bench_train
+
+    bench_train(args)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo,
-            "bench-iwae": cmd_bench_iwae}
+            "bench-iwae": cmd_bench_iwae, "bench-inference": cmd_bench_inference,
+            "bench-train": cmd_bench_train, "compare": cmd_compare,
+            "uncertainty": cmd_uncertainty, "export": cmd_export}
 
 
 def main(argv=None) -> int:

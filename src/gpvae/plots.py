@@ -24,8 +24,6 @@ def reconstructions_and_samples(models: dict, x: torch.Tensor, path, n_samples: 
                                 seed: int = 0) -> Path:
     """PNG: the test images, then each model's reconstructions (decoded posterior means) and
     samples from p(x|z), z ~ N(0, I); one labelled band per model."""
-    from PIL import Image, ImageDraw
-
     bands = [("test images", x.cpu())]
     gen = torch.Generator().manual_seed(seed)
     for name, model in models.items():
@@ -36,7 +34,15 @@ def reconstructions_and_samples(models: dict, x: torch.Tensor, path, n_samples: 
         z = torch.randn(n_samples, model.latent_dim, generator=gen).to(device)
         samples = model.likelihood.mean(model.decode(z)).cpu()
         bands += [(f"{name}: reconstructions", rec), (f"{name}: samples", samples)]
-    ncol = max(x.shape[0], n_samples)
+    return _save_bands(bands, max(x.shape[0], n_samples), path)
+
+
+def _save_bands(bands, ncol: int, path, scale: int = 2) -> Path:
+    """Stack labelled image grids vertically into one PNG, written atomically."""
+    import io
+
+    from PIL import Image, ImageDraw
+
     label_h = 14
     pieces = []
     for label, imgs in bands:
@@ -53,12 +59,22 @@ def reconstructions_and_samples(models: dict, x: torch.Tensor, path, n_samples: 
     for p in pieces:
         canvas.paste(p, (0, y))
         y += p.height
-    scale = 2
     canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.NEAREST)
-    import io
-
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     path = Path(path)
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+@torch.no_grad()
+def uncertainty_extremes(model, data, low_idx, high_idx, path) -> Path:
+    """PNG (Fig. 1, bottom panel): the least and the most uncertain images with their
+    reconstructions."""
+    device = next(model.parameters()).device
+    bands = []
+    for label, idx in (("least uncertain", low_idx), ("most uncertain", high_idx)):
+        x = data.batch(torch.as_tensor(idx), device)
+        rec = model.likelihood.mean(model.decode(model.posterior(x).mean)).cpu()
+        bands += [(f"{label}: images", x.cpu()), (f"{label}: reconstructions", rec)]
+    return _save_bands(bands, max(len(low_idx), len(high_idx)), path)

@@ -8,6 +8,7 @@ from .base import LatentVariableModel, ModelConfig
 from .vae import VAE, VAEConfig
 
 MODELS: dict[str, type[LatentVariableModel]] = {"vae": VAE}
+from .gpvae import GPVAE, GPVAEConfig; MODELS["gpvae"] = GPVAE  # noqa: E402,E702
 
 
 def register(name: str, cls: type[LatentVariableModel]) -> None:

@@ -26,3 +26,17 @@ class VAE(LatentVariableModel):
     def posterior(self, x: torch.Tensor) -> Independent:
         mean, std = self.encoder(x)
         return Independent(Normal(mean, std), 1)
+
+    def fused_encoder(self) -> torch.nn.Module:
+        """x -> (mean, variance) of q(z|x), for :mod:`gpvae.export`."""
+        return _MeanVariance(self.encoder)
+
+
+class _MeanVariance(torch.nn.Module):
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x):
+        mean, std = self.encoder(x)
+        return mean, std.square()

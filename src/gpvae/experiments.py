@@ -1,0 +1,110 @@
+"""Multi-seed comparisons with proper statistics (paper Sec. 5 protocol, scaled down).
+
+``gpvae compare`` trains every (model, seed) pair with the same budget -- seed s sets both
+the initialization and the train/validation split (the paper uses a different random split
+per run) -- evaluates IWAE-K on the same test images, and reports mean ± sd over seeds, the
+paired difference to the first model with its standard error, and two-sided t-tests (Welch,
+as the paper's tables, and paired, since each seed shares its split across models).
+
+Runs live in ``OUT/MODEL/seedS`` and are resumed or skipped when already finished, so a
+killed comparison continues where it stopped.  Results go to ``OUT/results.json`` and
+``OUT/results.md`` (atomically).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .checkpoint import atomic_write_text, read_checkpoint
+from .evaluation import estimate
+from .training import LAST, TrainConfig, load_run, resolve_device, train
+
+
+def _finished(run_dir: Path, epochs: int) -> bool:
+    try:
+        return read_checkpoint(run_dir / LAST)[2]["epoch"] >= epochs
+    except Exception:
+        return False
+
+
+def compare(models, seeds, *, out, dataset="mnist", data_dir=None, epochs=20, latent_dim=10,
+            limit_train=None, limit_test=None, iwae_samples=100, device="auto",
+            model_options=None, progress=True, log=print) -> dict:
+    from scipy import stats
+
+    from .data import load_splits
+
+    device = resolve_device(device)
+    out = Path(out)
+    model_options = model_options or {}
+    test = load_splits(dataset, data_dir, limit_train=1, limit_test=limit_test).test
+    scores: dict[str, dict[int, dict]] = {}
+    for name in models:
+        for seed in seeds:
+            run_dir = out / name / f"seed{seed}"
+            cfg = TrainConfig(out=str(run_dir), dataset=dataset, data_dir=data_dir, model=name,
+                              model_options={"latent_dim": latent_dim,
+                                             **model_options.get(name, {})},
+                              epochs=epochs, seed=seed, split_seed=seed, limit_train=limit_train,
+                              limit_test=limit_test, device=str(device))
+            if not _finished(run_dir, epochs):
+                resume = (run_dir / LAST).exists()
+                log(f"[compare] {'resuming' if resume else 'training'} {name} seed {seed}")
+                train(cfg, resume=resume, progress=progress)
+            model, _ = load_run(run_dir, "best", device)
+            est = estimate(model, test, samples=iwae_samples, device=device, seed=seed,
+                           progress=progress).summary()
+            scores.setdefault(name, {})[seed] = est
+            log(f"[compare] {name} seed {seed}: IWAE-{iwae_samples} {est['test_iwae']:.2f} "
+                f"± {est['test_iwae_se']:.2f}")
+    ref = models[0]
+    table = {}
+    for name in models:
+        vals = [scores[name][s]["test_iwae"] for s in seeds]
+        elbos = [scores[name][s]["test_elbo"] for s in seeds]
+        row = {"iwae_mean": sum(vals) / len(vals), "iwae_sd": _sd(vals), "iwae_per_seed": vals,
+               "elbo_mean": sum(elbos) / len(elbos), "elbo_sd": _sd(elbos)}
+        if name != ref:
+            diffs = [scores[name][s]["test_iwae"] - scores[ref][s]["test_iwae"] for s in seeds]
+            refs = [scores[ref][s]["test_iwae"] for s in seeds]
+            row["diff_to_" + ref] = sum(diffs) / len(diffs)
+            row["diff_se"] = _sd(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+            if len(seeds) > 1:
+                row["p_welch"] = float(stats.ttest_ind(vals, refs, equal_var=False).pvalue)
+                row["p_paired"] = float(stats.ttest_rel(vals, refs).pvalue)
+        table[name] = row
+    result = {"dataset": dataset, "latent_dim": latent_dim, "epochs": epochs,
+              "limit_train": limit_train, "test_images": len(test), "iwae_samples": iwae_samples,
+              "seeds": list(seeds), "models": table, "runs": scores}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "results.md", markdown_table(result))
+    return result
+
+
+def _sd(v):
+    if len(v) < 2:
+        return math.nan
+    m = sum(v) / len(v)
+    return math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+
+
+def markdown_table(result: dict) -> str:
+    ref = next(iter(result["models"]))
+    lines = [
+        f"{result['dataset']}, d={result['latent_dim']}, {result['limit_train'] or 'all'} training "
+        f"images, {result['epochs']} epochs, IWAE-{result['iwae_samples']} on "
+        f"{result['test_images']} test images, seeds {result['seeds']} (mean ± sd over seeds)",
+        "",
+        f"| model | test IWAE | test ELBO | per seed | Δ vs {ref} (± se) | p (Welch) | p (paired) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in result["models"].items():
+        per = ", ".join(f"{v:.1f}" for v in r["iwae_per_seed"])
+        diff = (f"{r['diff_to_' + ref]:+.2f} ± {r['diff_se']:.2f}" if name != ref else "—")
+        pw = f"{r['p_welch']:.3g}" if "p_welch" in r else "—"
+        pp = f"{r['p_paired']:.3g}" if "p_paired" in r else "—"
+        lines.append(f"| {name} | {r['iwae_mean']:.2f} ± {r['iwae_sd']:.2f} | "
+                     f"{r['elbo_mean']:.2f} ± {r['elbo_sd']:.2f} | {per} | {diff} | {pw} | {pp} |")
+    return "\n".join(lines) + "\n"

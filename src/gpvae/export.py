@@ -1,0 +1,37 @@
+"""Export a trained model's amortized encoder x -> (m(x), v(x)) as one standalone file.
+
+The file is a ``torch.export`` program (``.pt2``): an ATen graph with its weights, loadable
+with ``torch.export.load(path).module()`` in a process that has only PyTorch -- gpvae is not
+needed.  The batch dimension is dynamic.  Everything that does not depend on x is folded in
+before export (for the GPVAE: the packed covariances Sigma_j, Gamma_j of eq. 13, computed
+once from their Cholesky factors).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+
+
+def encoder_module(model) -> torch.nn.Module:
+    """The model's fused marginal encoder x -> (mean, variance) of q(z|x), each (B, d)."""
+    if not hasattr(model, "fused_encoder"):
+        raise ConfigError(f"{type(model).__name__} has no exportable Gaussian encoder")
+    return model.fused_encoder().eval()
+
+
+def export_encoder(model, path, batch_size: int = 4) -> Path:
+    """Export :func:`encoder_module` with a dynamic batch dimension to ``path`` (.pt2)."""
+    module = encoder_module(model).to("cpu")
+    example = torch.rand(batch_size, *model.image_shape)
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    with torch.no_grad():
+        program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.export.save(program, str(tmp))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,129 @@
+"""Per-instance uncertainty of the posterior approximation (paper Sec. 3.3 step 3, Sec. 5.3).
+
+For the GPVAE, Tr V(f(x)|D) = psi^m(x)^T (sum_j Sigma_j) psi^m(x) and Tr V(h(x)|D) likewise
+with psi^s and Gamma_j; Fig. 1 ranks test images by their sum.  The paper's claim is that
+high uncertainty marks images whose true posterior is far from Gaussian.  To let you check
+that on your own run, ``gpvae uncertainty`` also reports each image's IWAE - ELBO gap (an
+estimate of how far q(z|x) is from p(z|x): it tends to KL(q || p(z|x)) as K grows) and the
+Spearman rank correlation between the two.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .checkpoint import atomic_write_text
+from .errors import ConfigError
+from .progress import progress_bar
+
+
+def instance_uncertainty(model, data, batch_size: int = 256, device="cpu",
+                         progress: bool = True) -> dict[str, torch.Tensor]:
+    """{"tr_f", "tr_h", "total"}: one value per image of ``data`` (an ImageData)."""
+    if not hasattr(model, "uncertainty"):
+        raise ConfigError(f"model {type(model).__name__} has no GP uncertainty "
+                          "(only the GPVAE defines Tr V(f(x)|D), Tr V(h(x)|D))")
+    out: dict[str, list] = {"tr_f": [], "tr_h": []}
+    bar = progress_bar(len(data), desc="uncertainty", unit="img", enabled=progress)
+    with torch.inference_mode():
+        for lo in range(0, len(data), batch_size):
+            x = data.batch(slice(lo, lo + batch_size), device)
+            u = model.uncertainty(x)
+            for k in out:
+                out[k].append(u[k].double().cpu())
+            bar.update(x.shape[0])
+    bar.close()
+    res = {k: torch.cat(v) for k, v in out.items()}
+    res["total"] = res["tr_f"] + res["tr_h"]
+    return res
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    from scipy import stats
+
+    return float(stats.spearmanr(a.numpy(), b.numpy()).statistic)
+
+
+def summarize(values: torch.Tensor) -> dict:
+    v = values.double()
+    q = torch.quantile(v, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
+    return {"mean": float(v.mean()), "sd": float(v.std()) if v.numel() > 1 else math.nan,
+            "min": float(v.min()), "p05": float(q[0]), "median": float(q[1]),
+            "p95": float(q[2]), "max": float(v.max())}
+
+
+def uncertainty_report(model, test, *, device, gap_samples: int, seed: int, progress: bool):
+    """Per-instance table (list of dict rows) and a summary dict."""
+    from .evaluation import estimate
+
+    u = instance_uncertainty(model, test, device=device, progress=progress)
+    rows = [{"index": i, "tr_f": float(u["tr_f"][i]), "tr_h": float(u["tr_h"][i]),
+             "total": float(u["total"][i])} for i in range(len(test))]
+    summary = {k: summarize(u[k]) for k in ("tr_f", "tr_h", "total")}
+    summary["n"] = len(test)
+    if gap_samples > 0:
+        est = estimate(model, test, samples=gap_samples, device=device, seed=seed,
+                       progress=progress)
+        gap = est.iwae - est.elbo
+        for i, row in enumerate(rows):
+            row.update(iwae=float(est.iwae[i]), elbo=float(est.elbo[i]), gap=float(gap[i]))
+        summary["gap"] = summarize(gap)
+        summary["gap_samples"] = gap_samples
+        summary["spearman_total_vs_gap"] = spearman(u["total"], gap)
+    return rows, summary, u
+
+
+def rows_to_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def run_uncertainty(args) -> dict:
+    from .data import load_splits
+    from .training import load_run, read_config, resolve_device
+
+    device = resolve_device(args.device)
+    read_config(args.run_dir)
+    model, cfg = load_run(args.run_dir, args.checkpoint, device)
+    if not hasattr(model, "uncertainty"):
+        raise ConfigError(f"{args.run_dir} holds a {cfg.model!r} model; uncertainty needs a "
+                          "GPVAE run (train with --model gpvae)")
+    test = load_splits(cfg.dataset, args.data_dir or cfg.data_dir, split_seed=cfg.split_seed,
+                       limit_train=1, limit_test=args.limit_test).test
+    rows, summary, u = uncertainty_report(model, test, device=device,
+                                          gap_samples=args.gap_samples, seed=args.seed,
+                                          progress=not args.no_progress)
+    csv_path = Path(args.csv or Path(args.run_dir) / "uncertainty.csv")
+    atomic_write_text(csv_path, rows_to_csv(rows))
+    summary["csv"] = str(csv_path)
+    if args.png:
+        from .plots import uncertainty_extremes
+
+        order = torch.argsort(u["total"])
+        k = min(8, len(order) // 2) or 1
+        summary["png"] = str(uncertainty_extremes(model, test, order[:k], order[-k:], args.png))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"GPVAE uncertainty on {summary['n']} {cfg.dataset} test images ({args.run_dir})")
+        print(f"{'':<22}{'mean':>11}{'median':>11}{'p05':>11}{'p95':>11}")
+        for key, label in (("tr_f", "Tr V(f(x)|D)"), ("tr_h", "Tr V(h(x)|D)"),
+                           ("total", "sum"), ("gap", "IWAE - ELBO gap")):
+            if key in summary:
+                s = summary[key]
+                print(f"{label:<22}{s['mean']:>11.4g}{s['median']:>11.4g}{s['p05']:>11.4g}"
+                      f"{s['p95']:>11.4g}")
+        if "spearman_total_vs_gap" in summary:
+            print(f"Spearman correlation(uncertainty, gap) = {summary['spearman_total_vs_gap']:.3f}")
+        print(f"per-instance values: {csv_path}")
+        if "png" in summary:
+            print(f"least / most uncertain images: {summary['png']}")
+    return summary

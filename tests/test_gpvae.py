@@ -1,0 +1,416 @@
+"""Brute-force tests of the GPVAE (paper eqs. 9, 11, 13, 15, 16; Sec. 3.3, 5.3).
+
+Monte Carlo comparisons use 5 standard errors (estimated from the samples themselves);
+deterministic identities use float64 with rtol 1e-10 unless stated otherwise.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+from torch.distributions import MultivariateNormal, Normal, kl_divergence
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gpvae.errors import ConfigError
+from gpvae.models import MODELS, build_model
+from gpvae.models.gpvae import (
+    GPVAE,
+    GPVAEConfig,
+    cholesky_quadratic_form,
+    kl_to_standard_normal,
+    packed_quadratic_form,
+    symmetric_packed,
+)
+from gpvae.models.vae import VAE, VAEConfig
+
+MNIST = (1, 28, 28)
+CIFAR = (3, 32, 32)
+
+
+def _model(d=3, shape=MNIST, seed=0, **options) -> GPVAE:
+    torch.manual_seed(seed)
+    return build_model("gpvae", shape, latent_dim=d, **options)
+
+
+def _randomize_gp(model: GPVAE, seed=1) -> None:
+    """A non-trivial q(W, U): GP terms comparable to the base encoder's c(x)."""
+    g = torch.Generator().manual_seed(seed)
+    p = model.feature_dim
+    with torch.no_grad():
+        for name in ("mu", "eta"):
+            t = getattr(model, name)
+            t.copy_(0.5 * torch.randn(t.shape, generator=g, dtype=t.dtype))
+        for pre in ("sigma", "gamma"):
+            off, logd = getattr(model, pre + "_offdiag"), getattr(model, pre + "_log_diag")
+            off.copy_(0.5 / math.sqrt(p) * torch.randn(off.shape, generator=g, dtype=off.dtype))
+            logd.copy_(torch.empty(logd.shape, dtype=logd.dtype).uniform_(
+                math.log(0.5), math.log(2.0), generator=g))
+
+
+def _inputs(b=3, shape=MNIST, dtype=torch.float64, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, *shape, generator=g).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Monte Carlo over q(W, U): eq. (13) moments and the averaged KL (16)
+# ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def wu_samples():
+    """S = 20000 draws of (W, U) ~ q(W, U) (eq. 11), pushed through eq. (9) for B = 3 inputs."""
+    torch.manual_seed(0)
+    model = _model(d=3).double()
+    _randomize_gp(model)
+    x = _inputs()
+    with torch.no_grad():
+        feats = model.features(x)
+        mom = model.moments(x)
+        chol_sigma, chol_gamma = model.cholesky_factors()
+        g = torch.Generator().manual_seed(5)
+        S, chunk = 20_000, 2_000
+        means, stds, zs = [], [], []
+        for _ in range(S // chunk):
+            # w_j = mu_j + L_j eps_j, u_j = eta_j + M_j eps'_j: full (S, d, p) weight matrices
+            eps_w = torch.randn(chunk, *model.mu.shape, generator=g, dtype=torch.float64)
+            eps_u = torch.randn(chunk, *model.eta.shape, generator=g, dtype=torch.float64)
+            W = model.mu + torch.einsum("jkl,sjl->sjk", chol_sigma, eps_w)
+            U = model.eta + torch.einsum("jkl,sjl->sjk", chol_gamma, eps_u)
+            mean = feats["b"] + torch.einsum("sjk,bk->sbj", W, feats["psi_m"])  # eq. (9)
+            std = feats["c"] + torch.einsum("sjk,bk->sbj", U, feats["psi_s"])
+            xi = torch.randn(mean.shape, generator=g, dtype=torch.float64)
+            means.append(mean), stds.append(std), zs.append(mean + std * xi)
+    return {"model": model, "x": x, "mom": mom, "mean": torch.cat(means),
+            "std": torch.cat(stds), "z": torch.cat(zs)}
+
+
+def test_marginal_moments_match_monte_carlo(wu_samples):
+    """Eq. (13): m, v are the mean and variance of z under q(z|x,W,U) q(W,U)."""
+    z, mom = wu_samples["z"], wu_samples["mom"]
+    n = z.shape[0]
+    m, v = wu_samples["model"].marginal_moments(wu_samples["x"])
+    torch.testing.assert_close(m, mom["m"])
+    torch.testing.assert_close(v, mom["v"])
+    emp_mean = z.mean(0)
+    assert torch.all((emp_mean - m).abs() <= 5 * torch.sqrt(v / n))
+    dev2 = (z - m) ** 2
+    se_var = dev2.std(0) / math.sqrt(n)
+    assert torch.all((dev2.mean(0) - v).abs() <= 5 * se_var)
+    # the GP terms are a sizeable part of v, so this is not a test of c^2 alone
+    c = wu_samples["model"].features(wu_samples["x"])["c"]
+    assert torch.all(v > 1.1 * c**2)
+
+
+def test_averaged_kl_matches_monte_carlo(wu_samples):
+    """Eq. (16) = E_{q(W,U)} KL(N(b + W psi^m, (c + U psi^s)^2) || N(0, 1))."""
+    model, mom = wu_samples["model"], wu_samples["mom"]
+    per = kl_divergence(Normal(wu_samples["mean"], wu_samples["std"].abs()),
+                        Normal(0.0, 1.0)).sum(-1)  # (S, B)
+    se = per.std(0) / math.sqrt(per.shape[0])
+    kl = model.averaged_kl(mom, method="exact")
+    assert torch.all((per.mean(0) - kl).abs() <= 5 * se), (per.mean(0), kl, se)
+    # sharper: the random std h_j = c_j + u_j^T psi^s has mean a_j and variance s2_j, the
+    # arguments eq. (16)'s E[log h_j^2] is evaluated at (the heavy log tail makes the
+    # KL average itself a ~0.5% test)
+    h, n = wu_samples["std"], wu_samples["std"].shape[0]
+    assert torch.all((h.mean(0) - mom["a"]).abs() <= 5 * torch.sqrt(mom["s2"] / n))
+    dev2 = (h - mom["a"]) ** 2
+    assert torch.all((dev2.mean(0) - mom["s2"]).abs() <= 5 * dev2.std(0) / math.sqrt(n))
+
+
+def test_mc_kl_expectation_agrees_with_exact(wu_samples):
+    """kl_expectation="mc" is an unbiased estimate of the closed form."""
+    model, mom = wu_samples["model"], wu_samples["mom"]
+    exact = model.averaged_kl(mom, method="exact")
+    torch.manual_seed(7)
+    est = torch.stack([model.averaged_kl(mom, method="mc", n_samples=2000) for _ in range(50)])
+    se = est.std(0) / math.sqrt(est.shape[0])
+    assert torch.all((est.mean(0) - exact).abs() <= 5 * se), (est.mean(0), exact, se)
+    # the model's own config switch reaches the same code
+    mc_model = _model(d=3, kl_expectation="mc", kl_mc_samples=4)
+    assert mc_model.config.kl_expectation == "mc" and mc_model.config.kl_mc_samples == 4
+
+
+# ----------------------------------------------------------------------------------------
+# Quadratic forms, global KL, uncertainty
+# ----------------------------------------------------------------------------------------
+def _loop_quadratic(psi, chol):
+    """The explicit loop over j the model must not use: psi^T (L_j L_j^T) psi."""
+    return torch.stack([torch.einsum("bk,kl,bl->b", psi, L @ L.T, psi) for L in chol], -1)
+
+
+@pytest.mark.parametrize("d,p", [(5, 16), (3, 256)])
+def test_quadratic_forms_match_explicit_loop(d, p):
+    g = torch.Generator().manual_seed(d * p)
+    chol = torch.randn(d, p, p, generator=g, dtype=torch.float64).tril()
+    psi = torch.randn(7, p, generator=g, dtype=torch.float64)
+    ref = _loop_quadratic(psi, chol)
+    torch.testing.assert_close(cholesky_quadratic_form(psi, chol), ref, rtol=1e-10, atol=1e-10)
+    packed = symmetric_packed(chol)
+    assert packed.shape == (d, p * (p + 1) // 2)
+    torch.testing.assert_close(packed_quadratic_form(psi, packed), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_model_forms_agree_and_packed_cache_tracks_parameters():
+    model = _model(d=4).double()
+    _randomize_gp(model)
+    x = _inputs()
+    model.eval()
+    with torch.no_grad():
+        m1, v1 = model.marginal_moments(x, form="chol")
+        m2, v2 = model.marginal_moments(x, form="packed")
+        torch.testing.assert_close(m1, m2, rtol=1e-12, atol=0)
+        torch.testing.assert_close(v1, v2, rtol=1e-10, atol=0)
+        model.sigma_log_diag.add_(0.5)  # in-place update, as an optimizer step does
+        _, v3 = model.marginal_moments(x, form="chol")
+        _, v4 = model.marginal_moments(x, form="packed")
+    assert not torch.allclose(v1, v3)
+    torch.testing.assert_close(v3, v4, rtol=1e-10, atol=0)
+    # with gradients the packed form is differentiable (no stale cache)
+    _, v5 = model.marginal_moments(x, form="packed")
+    v5.sum().backward()
+    assert model.sigma_offdiag.grad is not None and torch.isfinite(model.sigma_offdiag.grad).all()
+
+
+@pytest.mark.parametrize("form", ["chol", "packed"])
+def test_fused_encoder_matches_marginal_moments(form):
+    model = _model(d=4).double()
+    _randomize_gp(model)
+    x = _inputs()
+    fused = model.fused_encoder(form).eval()
+    with torch.no_grad():
+        m, v = fused(x)
+        m_ref, v_ref = model.marginal_moments(x)
+    torch.testing.assert_close(m, m_ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(v, v_ref, rtol=1e-10, atol=0)
+    # a snapshot: later changes to the model do not leak into it
+    with torch.no_grad():
+        model.mu.add_(1.0)
+        torch.testing.assert_close(fused(x)[0], m)
+    assert not any(b.requires_grad for b in fused.buffers())
+
+
+def test_cholesky_factors_structure():
+    model = _model(d=3)
+    _randomize_gp(model)
+    for chol in model.cholesky_factors():
+        assert chol.shape == (3, model.feature_dim, model.feature_dim)
+        assert torch.equal(chol, chol.tril())
+        assert torch.all(torch.diagonal(chol, dim1=-2, dim2=-1) > 0)
+    # fresh model: Sigma_j = Gamma_j = gp_init_std^2 I, mu = eta = 0
+    fresh = _model(d=2, gp_init_std=1e-2)
+    for chol in fresh.cholesky_factors():
+        torch.testing.assert_close(chol, 1e-2 * torch.eye(fresh.feature_dim).expand(2, -1, -1))
+    assert not fresh.mu.any() and not fresh.eta.any()
+
+
+def test_kl_wu_matches_torch_distributions():
+    model = _model(d=3).double()
+    _randomize_gp(model)
+    p = model.feature_dim
+    std = MultivariateNormal(torch.zeros(p, dtype=torch.float64),
+                             scale_tril=torch.eye(p, dtype=torch.float64))
+    chol_sigma, chol_gamma = model.cholesky_factors()
+    with torch.no_grad():
+        ref = sum(kl_divergence(MultivariateNormal(mean[j], scale_tril=chol[j]), std)
+                  for mean, chol in ((model.mu, chol_sigma), (model.eta, chol_gamma))
+                  for j in range(3))
+        torch.testing.assert_close(model.kl_wu(), ref, rtol=1e-10, atol=1e-8)
+        torch.testing.assert_close(kl_to_standard_normal(model.mu, chol_sigma),
+                                   sum(kl_divergence(MultivariateNormal(model.mu[j],
+                                       scale_tril=chol_sigma[j]), std) for j in range(3)),
+                                   rtol=1e-10, atol=1e-8)
+
+
+def test_uncertainty_matches_explicit_sum():
+    """Tr V(f(x)|D) = psi^m^T (sum_j Sigma_j) psi^m, Tr V(h(x)|D) likewise (Sec. 3.3, 5.3)."""
+    model = _model(d=4).double()
+    _randomize_gp(model)
+    x = _inputs()
+    with torch.no_grad():
+        unc = model.uncertainty(x)
+        feats = model.features(x)
+        chol_sigma, chol_gamma = model.cholesky_factors()
+        sum_sigma = sum(L @ L.T for L in chol_sigma)
+        sum_gamma = sum(L @ L.T for L in chol_gamma)
+        tr_f = torch.einsum("bk,kl,bl->b", feats["psi_m"], sum_sigma, feats["psi_m"])
+        tr_h = torch.einsum("bk,kl,bl->b", feats["psi_s"], sum_gamma, feats["psi_s"])
+        assert unc["tr_f"].shape == unc["tr_h"].shape == (3,)
+        torch.testing.assert_close(unc["tr_f"], tr_f, rtol=1e-10, atol=0)
+        torch.testing.assert_close(unc["tr_h"], tr_h, rtol=1e-10, atol=0)
+        torch.testing.assert_close(model.uncertainty(x, form="packed")["tr_f"], tr_f,
+                                   rtol=1e-10, atol=0)
+
+
+# ----------------------------------------------------------------------------------------
+# Reduction to the VAE (Sec. 3.2: Lambda = 0 gives the VAE's encoder)
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kl_expectation", ["exact", "mc"])
+def test_zero_gp_posterior_is_the_vae(dtype, kl_expectation, monkeypatch):
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(latent_dim=5), MNIST).to(dtype)
+    gp = _model(d=5, seed=1, kl_expectation=kl_expectation).to(dtype)
+    # VAE weights (encoder + decoder) load by name; only the GP parts are missing
+    missing, unexpected = gp.load_state_dict(vae.state_dict(), strict=False)
+    assert not unexpected
+    assert set(missing) == {"psi_m." + k for k in gp.psi_m.state_dict()} | {
+        "psi_s." + k for k in gp.psi_s.state_dict()} | {
+        "mu", "eta", "sigma_offdiag", "sigma_log_diag", "gamma_offdiag", "gamma_log_diag"}
+    zeros = torch.zeros(5, gp.feature_dim, gp.feature_dim, dtype=dtype)
+    monkeypatch.setattr(gp, "cholesky_factors", lambda: (zeros, zeros))  # Sigma = Gamma = 0
+    with torch.no_grad():
+        gp.mu.zero_(), gp.eta.zero_()
+    x = _inputs(4, dtype=dtype)
+    q_vae, q_gp = vae.posterior(x), gp.posterior(x)
+    assert torch.equal(q_gp.mean, q_vae.mean) and torch.equal(q_gp.stddev, q_vae.stddev)
+
+    torch.manual_seed(11)
+    obj_vae, diag_vae = vae.training_objective(x, 1000)
+    torch.manual_seed(11)
+    terms = gp.elbo_terms(x)
+    tol = {"rtol": 1e-12, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-6,
+                                                                         "atol": 1e-3}
+    torch.testing.assert_close(terms["rec"] - terms["kl"], obj_vae, **tol)
+    torch.testing.assert_close(terms["rec"].mean(), diag_vae["rec"], rtol=0, atol=0)
+    torch.testing.assert_close(terms["kl"].mean(), diag_vae["kl"], **tol)
+
+
+def test_default_init_starts_close_to_the_vae():
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(latent_dim=5), MNIST)
+    gp = _model(d=5, seed=1)
+    gp.load_state_dict(vae.state_dict(), strict=False)
+    x = _inputs(4, dtype=torch.float32)
+    with torch.no_grad():
+        q_vae, q_gp = vae.posterior(x), gp.posterior(x)
+    torch.testing.assert_close(q_gp.mean, q_vae.mean, rtol=0, atol=0)
+    torch.testing.assert_close(q_gp.stddev, q_vae.stddev, rtol=1e-5, atol=0)
+
+
+# ----------------------------------------------------------------------------------------
+# No Python loop over latent dimensions
+# ----------------------------------------------------------------------------------------
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count_training_step(d):
+    model = _model(d=d)
+    x = _inputs(2, dtype=torch.float32)
+    with _CountOps() as fwd:
+        objective, _ = model.training_objective(x, 100)
+    with _CountOps() as bwd:
+        (-objective.mean()).backward()
+    with _CountOps() as post, torch.no_grad():
+        model.posterior(x).log_prob(torch.zeros(2, d))
+    return fwd.ops, bwd.ops, post.ops
+
+
+def test_no_python_loop_over_latent_dimensions():
+    """The same aten operations, the same number of times, for d = 10 and d = 50: nothing
+    in the forward pass, the backward pass or posterior() scales with d in Python."""
+    small, large = _count_training_step(10), _count_training_step(50)
+    for a, b in zip(small, large):
+        assert a == b
+    assert sum(small[0].values()) < 400  # and the forward pass is short in absolute terms
+
+
+# ----------------------------------------------------------------------------------------
+# The objective end to end
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,d,kl_expectation", [
+    (MNIST, 10, "exact"), (MNIST, 50, "exact"), (MNIST, 10, "mc"), (CIFAR, 10, "exact"),
+    (CIFAR, 50, "mc")])
+def test_training_objective_finite_with_finite_gradients(shape, d, kl_expectation):
+    model = _model(d=d, shape=shape, kl_expectation=kl_expectation, kl_mc_samples=2)
+    x = _inputs(2, shape=shape, dtype=torch.float32)
+    objective, diag = model.training_objective(x, 50_000)
+    assert objective.shape == (2,) and torch.isfinite(objective).all()
+    assert set(diag) == {"rec", "kl", "kl_wu"}
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in diag.values())
+    # objective = rec - kl - kl_wu / N, per example
+    terms_sum = diag["rec"] - diag["kl"] - diag["kl_wu"] / 50_000
+    torch.testing.assert_close(objective.mean().detach(), terms_sum, rtol=1e-5, atol=1e-3)
+    (-objective.mean()).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    # q(W, U)'s parameters receive gradient from eqs. (13)/(16), not only from the KL
+    assert grads["eta"].abs().sum() > 0 and grads["mu"].abs().sum() > 0
+    q = model.posterior(x)
+    assert q.batch_shape == (2,) and q.event_shape == (d,)
+    assert torch.isfinite(q.log_prob(q.rsample((3,)))).all()
+
+
+def test_factor_construction_gradients_match_dense_reference():
+    """The scattered (p, d, p) factor storage back-propagates like a dense tril build."""
+    model = _model(d=3).double()
+    _randomize_gp(model)
+    g = torch.Generator().manual_seed(3)
+    psi = torch.randn(4, model.feature_dim, generator=g, dtype=torch.float64)
+    weights = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    off, logd = model.sigma_offdiag, model.sigma_log_diag
+    got = torch.autograd.grad(
+        (cholesky_quadratic_form(psi, model._factor(off, logd)) * weights).sum(), (off, logd))
+    p = model.feature_dim
+    rows, cols = torch.tril_indices(p, p, offset=-1)
+    dense = torch.zeros(3, p, p, dtype=torch.float64)
+    dense[:, rows, cols] = off
+    dense = dense + torch.diag_embed(torch.exp(logd))
+    ref = torch.autograd.grad((_loop_quadratic(psi, dense) * weights).sum(), (off, logd))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+GP_PARAMS = ("mu", "eta", "sigma_offdiag", "sigma_log_diag", "gamma_offdiag", "gamma_log_diag")
+
+
+@pytest.mark.parametrize("kl_expectation", ["exact", "mc"])
+@pytest.mark.parametrize("which,h", [("gp", 1e-5), ("all", 1e-7)])
+def test_objective_gradient_matches_finite_difference(kl_expectation, which, h):
+    """Directional derivative of the whole eq. (15) objective (sample fixed by the seed),
+    along q(W,U)'s parameters, and along all parameters (a smaller step: the ReLU kinks of
+    the networks make larger central differences inexact)."""
+    model = _model(d=4, kl_expectation=kl_expectation).double()
+    _randomize_gp(model)
+    x = _inputs(2)
+
+    def objective():
+        torch.manual_seed(123)
+        return model.training_objective(x, 1000)[0].sum()
+
+    params = [q for n, q in model.named_parameters() if which == "all" or n in GP_PARAMS]
+    grads = torch.autograd.grad(objective(), params)
+    g = torch.Generator().manual_seed(9)
+    direction = [torch.randn(q.shape, generator=g, dtype=q.dtype) for q in params]
+    analytic = sum((gr * dr).sum() for gr, dr in zip(grads, direction)).item()
+    with torch.no_grad():
+        for q, dr in zip(params, direction):
+            q.add_(h * dr)
+        plus = objective().item()
+        for q, dr in zip(params, direction):
+            q.sub_(2 * h * dr)
+        minus = objective().item()
+    assert (plus - minus) / (2 * h) == pytest.approx(analytic, rel=1e-6)
+
+
+def test_registration_and_config_validation():
+    assert MODELS["gpvae"] is GPVAE and GPVAE.config_class is GPVAEConfig
+    cfg = GPVAEConfig()
+    assert (cfg.gp_init_std, cfg.kl_expectation, cfg.kl_mc_samples) == (1e-3, "exact", 1)
+    for bad in ({"gp_init_std": 0.0}, {"gp_init_std": -1.0}, {"kl_expectation": "quad"},
+                {"kl_mc_samples": 0}, {"latent_dim": 0}):
+        with pytest.raises(ConfigError):
+            build_model("gpvae", MNIST, **bad)
+    with pytest.raises(ConfigError):
+        GPVAE(VAEConfig(), MNIST)
+    with pytest.raises(ValueError):
+        _model(d=2).training_objective(_inputs(1, dtype=torch.float32), 0)
