@@ -20,6 +20,8 @@ from gpvae.models.gpvae import (
     GPVAEConfig,
     cholesky_quadratic_form,
     kl_to_standard_normal,
+    block_size,
+    inference_form,
     packed_quadratic_form,
     symmetric_packed,
 )
@@ -140,16 +142,22 @@ def _loop_quadratic(psi, chol):
     return torch.stack([torch.einsum("bk,kl,bl->b", psi, L @ L.T, psi) for L in chol], -1)
 
 
-@pytest.mark.parametrize("d,p", [(5, 16), (3, 256)])
+@pytest.mark.parametrize("d,p", [(5, 16), (3, 256), (2, 36)])
 def test_quadratic_forms_match_explicit_loop(d, p):
     g = torch.Generator().manual_seed(d * p)
     chol = torch.randn(d, p, p, generator=g, dtype=torch.float64).tril()
     psi = torch.randn(7, p, generator=g, dtype=torch.float64)
     ref = _loop_quadratic(psi, chol)
     torch.testing.assert_close(cholesky_quadratic_form(psi, chol), ref, rtol=1e-10, atol=1e-10)
-    packed = symmetric_packed(chol)
-    assert packed.shape == (d, p * (p + 1) // 2)
-    torch.testing.assert_close(packed_quadratic_form(psi, packed), ref, rtol=1e-10, atol=1e-10)
+    for block in (None, 1, 4, p):
+        packed = symmetric_packed(chol, block)
+        b = block or block_size(p)
+        n = p // b
+        assert packed.shape == (d, n * (n + 1) // 2 * b * b)
+        if b == 1:  # one-element blocks: exactly the p(p+1)/2 upper triangle
+            assert packed.shape == (d, p * (p + 1) // 2)
+        torch.testing.assert_close(packed_quadratic_form(psi, packed, block), ref, rtol=1e-10,
+                                   atol=1e-10)
 
 
 def test_model_forms_agree_and_packed_cache_tracks_parameters():
@@ -173,12 +181,13 @@ def test_model_forms_agree_and_packed_cache_tracks_parameters():
     assert model.sigma_offdiag.grad is not None and torch.isfinite(model.sigma_offdiag.grad).all()
 
 
-@pytest.mark.parametrize("form", ["chol", "packed"])
-def test_fused_encoder_matches_marginal_moments(form):
-    model = _model(d=4).double()
+@pytest.mark.parametrize("d", [4, 40])  # Cholesky and packed operands (inference_form)
+def test_fused_encoder_matches_marginal_moments(d):
+    model = _model(d=d).double()
     _randomize_gp(model)
     x = _inputs()
-    fused = model.fused_encoder(form).eval()
+    fused = model.fused_encoder().eval()
+    assert fused.form == inference_form(d)
     with torch.no_grad():
         m, v = fused(x)
         m_ref, v_ref = model.marginal_moments(x)
@@ -314,10 +323,12 @@ def _count_training_step(d):
     return fwd.ops, bwd.ops, post.ops
 
 
-def test_no_python_loop_over_latent_dimensions():
-    """The same aten operations, the same number of times, for d = 10 and d = 50: nothing
+@pytest.mark.parametrize("d_small,d_large", [(10, 20), (40, 64)])  # both inference forms
+def test_no_python_loop_over_latent_dimensions(d_small, d_large):
+    """The same aten operations, the same number of times, for a small and a large d: nothing
     in the forward pass, the backward pass or posterior() scales with d in Python."""
-    small, large = _count_training_step(10), _count_training_step(50)
+    assert inference_form(d_small) == inference_form(d_large)
+    small, large = _count_training_step(d_small), _count_training_step(d_large)
     for a, b in zip(small, large):
         assert a == b
     assert sum(small[0].values()) < 400  # and the forward pass is short in absolute terms

@@ -49,7 +49,7 @@ class Estimates:
         }
 
 
-def log_weights(model, x: torch.Tensor, samples: int, max_batch_samples: int = 8192) -> torch.Tensor:
+def log_weights(model, x: torch.Tensor, samples: int, max_batch_samples: int = 512) -> torch.Tensor:
     """log w (K, B) for a batch x, decoding at most ``max_batch_samples`` z's at a time."""
     q = model.posterior(x)
     per_chunk = max(1, max_batch_samples // x.shape[0])
@@ -68,7 +68,7 @@ def estimate(
     batch_size: int = 100,
     device: str | torch.device = "cpu",
     seed: int = 0,
-    max_batch_samples: int = 8192,
+    max_batch_samples: int = 512,
     progress: bool = True,
     desc: str = "IWAE",
 ) -> Estimates:

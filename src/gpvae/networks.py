@@ -129,15 +129,25 @@ class ConvDecoder(nn.Module):
             if i < n - 1:
                 layers.append(nn.ReLU())
             c_in = c_out
-        self.deconv = nn.Sequential(*layers).to(memory_format=torch.channels_last)
+        self.deconv = nn.Sequential(*layers)
         self.image_shape = arch.image_shape
+        self.use_channels_last(True)
+
+    def use_channels_last(self, enabled: bool = True) -> "ConvDecoder":
+        """Switch the transposed convolutions between NHWC (default, faster) and NCHW."""
+        self.channels_last = enabled
+        fmt = torch.channels_last if enabled else torch.contiguous_format
+        self.deconv.to(memory_format=fmt)
+        return self
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         lead = z.shape[:-1]
         h = self.fc(z.reshape(-1, z.shape[-1])).view(-1, *self.seed_shape)
         # channels-last (NHWC) is the layout oneDNN's (and cuDNN's) fast kernels want: on
         # 2 CPU cores it makes the decoder ~1.5x faster (see docs/benchmarks.md).
-        out = self.deconv(h.contiguous(memory_format=torch.channels_last))
+        if self.channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
+        out = self.deconv(h)
         return out.reshape(*lead, *self.image_shape)
 
 

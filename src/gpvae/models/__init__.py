@@ -5,10 +5,10 @@ from dataclasses import fields
 
 from ..errors import ConfigError
 from .base import LatentVariableModel, ModelConfig
+from .gpvae import GPVAE, GPVAEConfig
 from .vae import VAE, VAEConfig
 
-MODELS: dict[str, type[LatentVariableModel]] = {"vae": VAE}
-from .gpvae import GPVAE, GPVAEConfig; MODELS["gpvae"] = GPVAE  # noqa: E402,E702
+MODELS: dict[str, type[LatentVariableModel]] = {"vae": VAE, "gpvae": GPVAE}
 
 
 def register(name: str, cls: type[LatentVariableModel]) -> None:
@@ -35,5 +35,6 @@ def build_model(name: str, image_shape, **options) -> LatentVariableModel:
     return cls(cfg_cls(**options), image_shape)
 
 
-__all__ = ["MODELS", "LatentVariableModel", "ModelConfig", "VAE", "VAEConfig", "build_model",
+__all__ = ["MODELS", "GPVAE", "GPVAEConfig", "LatentVariableModel", "ModelConfig", "VAE",
+           "VAEConfig", "build_model",
            "model_class", "register"]

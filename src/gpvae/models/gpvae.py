@@ -128,41 +128,77 @@ def cholesky_quadratic_form(psi: torch.Tensor, chol: torch.Tensor) -> torch.Tens
     return proj.view(*psi.shape[:-1], d, p).square().sum(-1)
 
 
-_TRIU_CACHE: dict = {}
+PACK_BLOCK = 32  # block size of the symmetric packed form (see block_size)
+# The packed form pays a fixed cost (forming the block outer products of psi) that only the
+# saved d-fold arithmetic repays: measured on 2 CPU cores with p = 256 and a batch of 128,
+# one quadratic form took 8.3 ms (Cholesky) vs 5.6 ms (packed) at d = 50, but 1.8 vs 4.5 ms
+# at d = 10 (docs/benchmarks.md).  Inference uses the packed form from this d on.
+PACKED_MIN_LATENT = 32
 
 
-def _triu(p: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (p, device)
-    if key not in _TRIU_CACHE:
-        _TRIU_CACHE[key] = tuple(torch.triu_indices(p, p, device=device))
-    return _TRIU_CACHE[key]
+def inference_form(latent_dim: int) -> str:
+    """The faster quadratic form for gradient-free inference at this latent dimension."""
+    return "packed" if latent_dim >= PACKED_MIN_LATENT else "chol"
 
 
-def symmetric_packed(chol: torch.Tensor) -> torch.Tensor:
-    """Upper triangles of Sigma_j = L_j L_j^T, off-diagonal doubled: (d, p(p+1)/2).
+def block_size(p: int, preferred: int = PACK_BLOCK) -> int:
+    """The largest divisor of p that is <= ``preferred`` (p itself when p is smaller)."""
+    b = min(p, preferred)
+    while p % b:
+        b -= 1
+    return b
 
-    Entry (k, l), k <= l (``torch.triu_indices`` order) holds Sigma_kk on the diagonal and
-    2 Sigma_kl off it, so that psi^T Sigma psi = sum_{k<=l} packed_kl psi_k psi_l.
+
+_PAIR_CACHE: dict = {}
+
+
+def _block_pairs(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block indices (I, J), I <= J, of the upper block triangle of an n x n block grid."""
+    key = (n, device)
+    if key not in _PAIR_CACHE:
+        _PAIR_CACHE[key] = tuple(torch.triu_indices(n, n, device=device))
+    return _PAIR_CACHE[key]
+
+
+def symmetric_packed(chol: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """The blocks on and above the diagonal of Sigma_j = L_j L_j^T, off-diagonal blocks
+    doubled, flattened: (d, n(n+1)/2 * b^2) with b = ``block``, n = p / b.
+
+    psi^T Sigma psi = sum_{I<=J} sum_{k in I, l in J} packed_{IJ,kl} psi_k psi_l, because
+    Sigma is symmetric: the strictly-lower blocks are folded onto the upper ones.  With
+    b = 32 and p = 256 this keeps 56% of the p^2 entries (the exact half, p(p+1)/2, would
+    need an element-wise gather that is slower than the saved arithmetic); the products
+    psi_k psi_l of a block pair are contiguous outer products (:func:`packed_quadratic_form`).
     Costs d p^3 multiply-adds: precompute it once for inference.
     """
-    p = chol.shape[-1]
+    d, p, _ = chol.shape
+    b = block or block_size(p)
+    n = p // b
     sigma = chol @ chol.transpose(-1, -2)
-    rows, cols = _triu(p, chol.device)
-    packed = sigma[:, rows, cols]
-    return torch.where(rows == cols, packed, 2.0 * packed)
+    rows, cols = _block_pairs(n, chol.device)
+    blocks = sigma.view(d, n, b, n, b).permute(0, 1, 3, 2, 4)[:, rows, cols]  # (d, P, b, b)
+    blocks = torch.where((rows == cols).view(1, -1, 1, 1), blocks, 2.0 * blocks)
+    return blocks.reshape(d, -1)
 
 
-def packed_quadratic_form(psi: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """psi^T Sigma_j psi for every j from :func:`symmetric_packed` factors.
-
-    Forms the p(p+1)/2 products psi_k psi_l (k <= l) once and contracts them with all d
-    packed matrices in one (n, p(p+1)/2) @ (p(p+1)/2, d) product -- half the multiply-adds
-    of :func:`cholesky_quadratic_form`.  psi (..., p) -> (..., d).
-    """
+def packed_outer(psi: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """The block-pair outer products psi_I psi_J^T, I <= J, flattened: (..., P b^2)."""
     p = psi.shape[-1]
-    rows, cols = _triu(p, psi.device)
-    outer = psi[..., rows] * psi[..., cols]
-    return outer @ packed.transpose(0, 1)
+    b = block or block_size(p)
+    n = p // b
+    rows, cols = _block_pairs(n, psi.device)
+    pb = psi.reshape(*psi.shape[:-1], n, b)
+    outer = pb[..., rows, :].unsqueeze(-1) * pb[..., cols, :].unsqueeze(-2)
+    return outer.flatten(-3)
+
+
+def packed_quadratic_form(psi: torch.Tensor, packed: torch.Tensor,
+                          block: int | None = None) -> torch.Tensor:
+    """psi^T Sigma_j psi for every j from :func:`symmetric_packed` factors: the block
+    outer products of psi once, then one (n, P b^2) @ (P b^2, d) product for all j --
+    about half the multiply-adds of :func:`cholesky_quadratic_form`.  (..., p) -> (..., d).
+    """
+    return packed_outer(psi, block) @ packed.transpose(0, 1)
 
 
 def kl_to_standard_normal(mean: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
@@ -308,8 +344,13 @@ class GPVAE(LatentVariableModel):
         return mom["m"], mom["v"]
 
     def posterior(self, x: torch.Tensor) -> Independent:
-        """q(z|x) = N(m(x), Diag(v(x))) of eq. (13), batch_shape (B,), event_shape (d,)."""
-        m, v = self.marginal_moments(x)
+        """q(z|x) = N(m(x), Diag(v(x))) of eq. (13), batch_shape (B,), event_shape (d,).
+
+        With gradients the quadratic forms use the Cholesky form; without (evaluation) the
+        faster of the cached Cholesky factors and the cached symmetric packed covariances
+        (about half the arithmetic; :func:`inference_form`)."""
+        form = "chol" if torch.is_grad_enabled() else inference_form(self.latent_dim)
+        m, v = self.marginal_moments(x, form)
         return Independent(Normal(m, v.sqrt()), 1)
 
     # --- the objective ----------------------------------------------------------------------
@@ -358,57 +399,64 @@ class GPVAE(LatentVariableModel):
         return {"tr_f": mom["qm"].sum(-1), "tr_h": mom["s2"].sum(-1)}
 
     # --- fused inference (for gpvae.export) -----------------------------------------------
-    def fused_encoder(self, form: str = "chol") -> nn.Module:
+    def fused_encoder(self) -> nn.Module:
         """A standalone module x -> (m(x), v(x)) of eq. (13) (mean and *variance*, each
         (B, d)) with everything that does not depend on x precomputed as buffers: mu^T,
-        eta^T and the quadratic-form operands -- the stacked Cholesky factors (p, d p) for
-        ``form="chol"`` (default; the faster one on CPU), or the :func:`symmetric_packed`
-        Sigma_j, Gamma_j for ``form="packed"`` (half the multiply-adds).  The networks are
-        copied, so the module is independent of later training of this model."""
-        return _FusedMarginalEncoder(self, form)
+        eta^T and the symmetric packed Sigma_j, Gamma_j stacked so that both quadratic
+        forms of eq. (13) are one matrix product.  The networks are copied, so the module
+        is independent of later training of this model."""
+        return _FusedMarginalEncoder(self)
 
 
 class _FusedMarginalEncoder(nn.Module):
-    """See :meth:`GPVAE.fused_encoder`: eq. (13) with x-independent parts folded in."""
+    """See :meth:`GPVAE.fused_encoder`: eq. (13) with x-independent parts folded in.
 
-    def __init__(self, model: GPVAE, form: str = "chol"):
+    Both quadratic forms of eq. (13) are one matrix product against a precomputed operand:
+    the symmetric packed Sigma_j, Gamma_j stacked along the contraction ((2 P b^2, d)) when
+    :func:`inference_form` picks "packed", else the stacked Cholesky factors
+    ([L_j; M_j] as (2 p, d p), squared and summed over p)."""
+
+    def __init__(self, model: GPVAE):
         super().__init__()
-        if form not in QUADRATIC_FORMS:
-            raise ValueError(f"unknown form {form!r}; choose from {', '.join(QUADRATIC_FORMS)}")
-        self.form = form
+        self.form = inference_form(model.latent_dim)
         self.latent_dim, self.feature_dim = model.latent_dim, model.feature_dim
+        self.block = block_size(model.feature_dim)
         self.encoder = copy.deepcopy(model.encoder)
         self.psi_m = copy.deepcopy(model.psi_m)
         self.psi_s = copy.deepcopy(model.psi_s)
         d, p = self.latent_dim, self.feature_dim
         with torch.no_grad():
+            chol_sigma, chol_gamma = model.cholesky_factors()
+            if self.form == "packed":
+                op = torch.cat([symmetric_packed(chol_sigma, self.block),
+                                symmetric_packed(chol_gamma, self.block)], 1).T
+            else:  # stacked[l, j p + k] = L_j[l, k], as in cholesky_quadratic_form
+                op = torch.cat([chol_sigma.transpose(0, 1).reshape(p, d * p),
+                                chol_gamma.transpose(0, 1).reshape(p, d * p)], 0)
+            self.register_buffer("quad_op", op.contiguous().clone())
             self.register_buffer("mu_t", model.mu.detach().T.contiguous().clone())
             self.register_buffer("eta_t", model.eta.detach().T.contiguous().clone())
-            chol_sigma, chol_gamma = model.cholesky_factors()
-            if form == "chol":
-                # stacked[l, j p + k] = L_j[l, k], as in cholesky_quadratic_form
-                self.register_buffer("sigma_op", chol_sigma.transpose(0, 1).reshape(p, d * p)
-                                     .contiguous().clone())
-                self.register_buffer("gamma_op", chol_gamma.transpose(0, 1).reshape(p, d * p)
-                                     .contiguous().clone())
-            else:
-                self.register_buffer("sigma_op", symmetric_packed(chol_sigma).T.contiguous())
-                self.register_buffer("gamma_op", symmetric_packed(chol_gamma).T.contiguous())
-                rows, cols = torch.triu_indices(p, p, device=chol_sigma.device)
-                self.register_buffer("rows", rows)
-                self.register_buffer("cols", cols)
+            n = p // self.block
+            rows, cols = torch.triu_indices(n, n, device=op.device)
+            self.register_buffer("rows", rows)
+            self.register_buffer("cols", cols)
 
-    def _quadratic(self, psi: torch.Tensor, op: torch.Tensor) -> torch.Tensor:
-        if self.form == "chol":
-            proj = psi @ op
-            return proj.reshape(psi.shape[0], self.latent_dim, self.feature_dim).square().sum(-1)
-        return (psi[:, self.rows] * psi[:, self.cols]) @ op
+    def _outer(self, psi: torch.Tensor) -> torch.Tensor:
+        pb = psi.reshape(psi.shape[0], -1, self.block)
+        outer = pb[:, self.rows, :].unsqueeze(-1) * pb[:, self.cols, :].unsqueeze(-2)
+        return outer.flatten(1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, c = self.encoder(x)
         psi_m, psi_s = self.psi_m(x), self.psi_s(x)
         m = b + psi_m @ self.mu_t
         a = c + psi_s @ self.eta_t
-        v = a.square() + self._quadratic(psi_m, self.sigma_op) + self._quadratic(psi_s,
-                                                                                 self.gamma_op)
-        return m, v
+        if self.form == "packed":
+            quad = torch.cat([self._outer(psi_m), self._outer(psi_s)], 1) @ self.quad_op
+        else:
+            p, d = self.feature_dim, self.latent_dim
+            proj = psi_m @ self.quad_op[:p]
+            proj_s = psi_s @ self.quad_op[p:]
+            quad = (proj.view(-1, d, p).square().sum(-1)
+                    + proj_s.view(-1, d, p).square().sum(-1))
+        return m, a.square() + quad

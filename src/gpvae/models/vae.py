@@ -2,6 +2,7 @@
 with deterministic f = b(x), h = c(x), i.e. q(z|x) = N(b(x), Diag(c(x))^2)."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +29,8 @@ class VAE(LatentVariableModel):
         return Independent(Normal(mean, std), 1)
 
     def fused_encoder(self) -> torch.nn.Module:
-        """x -> (mean, variance) of q(z|x), for :mod:`gpvae.export`."""
-        return _MeanVariance(self.encoder)
+        """x -> (mean, variance) of q(z|x), for :mod:`gpvae.export` (a copy of the encoder)."""
+        return _MeanVariance(copy.deepcopy(self.encoder))
 
 
 class _MeanVariance(torch.nn.Module):
