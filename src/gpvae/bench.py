@@ -234,3 +234,39 @@ def bench_train(args) -> dict:
         for name, r in results.items():
             print(f"{name:<10} {r['ms_per_step']:>9.2f} ms/step  {r['ratio_to_vae']:>6.2f}x VAE")
     return out
+
+
+def bench_quadratic(args) -> dict:
+    """Time one batch of the d quadratic forms psi^T Sigma_j psi of eq. (13): the Cholesky
+    form against the symmetric packed form for several block sizes."""
+    from .models.gpvae import (cholesky_quadratic_form, packed_quadratic_form,
+                               symmetric_packed)
+
+    device = resolve_device(args.device)
+    g = torch.Generator().manual_seed(0)
+    p, rows = args.features, []
+    for d in args.latent_dims:
+        chol = (torch.randn(d, p, p, generator=g) * 0.01).tril().to(device)
+        psi = torch.randn(args.batch_size, p, generator=g).to(device)
+        with torch.inference_mode():
+            row = {"d": d, "chol_ms": _time(lambda: cholesky_quadratic_form(psi, chol),
+                                            args.repeats, device) * 1e3}
+            for b in args.blocks:
+                if p % b:
+                    continue
+                packed = symmetric_packed(chol, b)
+                row[f"packed_b{b}_ms"] = _time(lambda: packed_quadratic_form(psi, packed, b),
+                                               args.repeats, device) * 1e3
+        rows.append(row)
+    out = {"device": str(device), "threads": torch.get_num_threads(), "p": p,
+           "batch_size": args.batch_size, "rows": rows}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"d quadratic forms psi^T Sigma_j psi, batch {args.batch_size}, p={p}, {device} "
+              f"({out['threads']} threads), best of {args.repeats}, ms")
+        keys = [k for k in rows[0] if k != "d"]
+        print(f"{'d':>4} " + " ".join(f"{k[:-3]:>12}" for k in keys))
+        for r in rows:
+            print(f"{r['d']:>4} " + " ".join(f"{r[k]:>12.2f}" for k in keys))
+    return out

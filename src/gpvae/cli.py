@@ -242,6 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--limit-test", type=positive_int, help="default: the whole test set")
         else:
             p.add_argument("--steps", type=positive_int, default=10, help="steps per repeat")
+    p = sub.add_parser("bench-quadratic", help="time eq. (13)'s quadratic forms: Cholesky vs "
+                       "packed", description="Time the d quadratic forms psi^T Sigma_j psi of "
+                       "eq. (13) for one batch: the Cholesky form (training) against the "
+                       "symmetric packed form (inference) with several block sizes.")
+    p.add_argument("--latent-dims", type=lambda t: [positive_int(v) for v in t.split(",")],
+                   default=[10, 50], help="comma-separated d values (default 10,50)")
+    p.add_argument("--blocks", type=lambda t: [positive_int(v) for v in t.split(",")],
+                   default=[8, 16, 32, 64, 128], help="block sizes (default 8,16,32,64,128)")
+    p.add_argument("--features", type=positive_int, default=256, help="p (default 256)")
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--repeats", type=positive_int, default=20)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -307,20 +320,6 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from .demo import run_demo
-
-    run_demo(args)
-    return 0
-
-
-def cmd_bench_iwae(args) -> int:
-    from .bench import bench_iwae
-
-    bench_iwae(args)
-    return 0
-
-
 def _csv_list(text: str, flag: str, kind=str) -> list:
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
@@ -350,13 +349,6 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def cmd_uncertainty(args) -> int:
-    from .uncertainty import run_uncertainty
-
-    run_uncertainty(args)
-    return 0
-
-
 def cmd_export(args) -> int:
     from pathlib import Path
 
@@ -370,24 +362,24 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_bench_inference(args) -> int:
-    from .bench import bench_inference
+def _run(module: str, function: str):
+    """A command that calls ``gpvae.<module>.<function>(args)`` (imported on use)."""
+    def command(args) -> int:
+        import importlib
 
-    bench_inference(args)
-    return 0
+        getattr(importlib.import_module(f"gpvae.{module}"), function)(args)
+        return 0
 
-
-def cmd_bench_train(args) -> int:
-    from .bench import bench_train
-
-    bench_train(args)
-    return 0
+    return command
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo,
-            "bench-iwae": cmd_bench_iwae, "bench-inference": cmd_bench_inference,
-            "bench-train": cmd_bench_train, "compare": cmd_compare,
-            "uncertainty": cmd_uncertainty, "export": cmd_export}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare,
+            "export": cmd_export, "demo": _run("demo", "run_demo"),
+            "uncertainty": _run("uncertainty", "run_uncertainty"),
+            "bench-iwae": _run("bench", "bench_iwae"),
+            "bench-inference": _run("bench", "bench_inference"),
+            "bench-train": _run("bench", "bench_train"),
+            "bench-quadratic": _run("bench", "bench_quadratic")}
 
 
 def main(argv=None) -> int:

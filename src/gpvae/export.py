@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import atomic_path
 from .errors import ConfigError
 
 
@@ -29,9 +30,6 @@ def export_encoder(model, path, batch_size: int = 4) -> Path:
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     with torch.no_grad():
         program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.export.save(program, str(tmp))
-    tmp.replace(path)
-    return path
+    with atomic_path(path, suffix=".tmp.pt2") as tmp:  # torch.export wants a .pt2 name
+        torch.export.save(program, tmp)
+    return Path(path)
