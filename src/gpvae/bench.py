@@ -19,7 +19,7 @@ from .data import load_splits
 from .evaluation import estimate
 from .flops import forward_flops
 from .models import build_model
-from .training import resolve_device
+from .training import make_adam, resolve_device
 
 
 def reference_per_image_iwae(model, data, samples: int, device) -> torch.Tensor:
@@ -211,7 +211,7 @@ def bench_train(args) -> dict:
         torch.manual_seed(0)
         model = build_model(name, IMAGE_SHAPES[args.dataset], latent_dim=args.latent_dim)
         model = model.to(device).train()
-        opt = torch.optim.Adam(model.parameters(), lr=5e-4)
+        opt = make_adam(model.parameters(), lr=5e-4)  # the trainer's own optimizer
 
         def steps():
             for _ in range(args.steps):

@@ -37,6 +37,46 @@ METRICS = "metrics.csv"
 METRIC_FIELDS = ["epoch", "train_objective", "train_rec", "train_kl", "valid_elbo", "seconds"]
 
 
+def make_adam(params, lr: float) -> torch.optim.Adam:
+    """Adam; the fused implementation (one kernel for all parameters: 9 -> 3 ms per GPVAE
+    step at d = 50 on 2 CPU cores) where the device has it.
+
+    The fused kernel needs each parameter's moment estimates in the parameter's memory
+    layout, and on CPU it does not check: moments loaded contiguous (as checkpoints store
+    them) for a channels-last weight silently give wrong updates.  A load hook therefore
+    re-lays them out like their parameters (values unchanged, so resume stays exact),
+    rejects state whose shape does not match (the kernel does not check that either), and
+    keeps the optimizer fused when the checkpoint's own settings (which load_state_dict
+    copies) came from an unfused one.
+    """
+    params = list(params)
+    try:
+        optimizer = torch.optim.Adam(params, lr=lr, fused=True)
+    except RuntimeError:  # a device or dtype without a fused Adam kernel
+        return torch.optim.Adam(params, lr=lr)
+
+    def fused_state(opt):
+        for group in opt.param_groups:
+            group["fused"], group["foreach"] = True, None
+            for p in group["params"]:
+                state = opt.state.get(p, {})
+                for key, value in state.items():
+                    if not torch.is_tensor(value):
+                        continue
+                    if key == "step":  # fused: a float32 tensor on the parameter's device
+                        state[key] = value.to(device=p.device, dtype=torch.float32)
+                    elif value.shape != p.shape:  # the fused kernel would not notice
+                        raise CheckpointError(
+                            f"optimizer state {key!r} of shape {tuple(value.shape)} does not "
+                            f"match its parameter's {tuple(p.shape)}: the checkpoint was "
+                            "written by another version of this model; cannot resume from it")
+                    elif value.stride() != p.stride():
+                        state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+    optimizer.register_load_state_dict_post_hook(fused_state)
+    return optimizer
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a run.  Defaults follow the paper's Sec. 8 except ``epochs``."""
@@ -159,7 +199,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     model = build_from_config(cfg, IMAGE_SHAPES[cfg.dataset]).to(device)
     splits = load_splits(cfg.dataset, cfg.data_dir, split_seed=cfg.split_seed,
                          limit_train=cfg.limit_train, limit_test=cfg.limit_test)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = make_adam(model.parameters(), cfg.lr)
 
     history: list[dict] = []
     best = {"epoch": 0, "valid_elbo": -math.inf}

@@ -18,9 +18,17 @@ h = c + U psi^s, with linear-deep-kernel GPs f_j = w_j^T psi^m(x), h_j = u_j^T p
 
   with mu, eta (d, p) and Sigma_j = L_j L_j^T, Gamma_j = M_j M_j^T given by Cholesky factors
   (Sec. 5: "lower triangle matrix with strictly positive diagonals").  Each factor is
-  stored as its strictly-lower part, packed (d, p(p-1)/2), and the log of its diagonal
-  (d, p): diag = exp(log_diag) > 0, log det Sigma_j = 2 sum(log_diag_j), and no unused
-  upper-triangle parameters are counted or optimised.
+  stored as the log of its diagonal (d, p) -- diag = exp(log_diag) > 0,
+  log det Sigma_j = 2 sum(log_diag_j) -- and its strictly-lower part in a *column-blocked*
+  layout: the p columns are split into n blocks of b (``CHOL_BLOCK``), and column block K
+  keeps only the rows l >= K b that can be non-zero, all j together: its b x b diagonal
+  block D_K[r, j, c] = L_j[K b + r, K b + c] and the (p - (K + 1) b, d, b) slab below it,
+  S_K[r, j, c] = L_j[(K + 1) b + r, K b + c].  One (b n (n + 1) / 2, d, b) parameter per
+  factor holds D_0 .. D_{n-1} (its first p rows) and then S_0 .. S_{n-2}
+  (:func:`chol_storage_rows`), so every operand of the quadratic form is a free view.  The
+  entries of the D_K on and above their diagonal (r <= c) are unused: masked to zero (the
+  diagonal comes from log_diag), with zero gradient, not counted in the KL --
+  b (b + 1) / 2 d numbers per block, ~12% of the factor for b = 32, p = 256.
 
 Initialization (the paper is silent): "start as the VAE" -- mu = eta = 0, strictly-lower
 parts 0, diagonals ``gp_init_std`` (default 1e-3), i.e. Sigma_j = Gamma_j = 1e-6 I, so the
@@ -35,16 +43,24 @@ Moment matching the W, U-mixture of eq. (12) gives q(z|x) = N(m(x), Diag(v(x))) 
 
 (eq. 13's c^2 + 2 eta^T psi c + psi^T (eta eta^T + Gamma) psi regrouped).  This is what
 :meth:`GPVAE.posterior` returns, so IWAE evaluation is the VAE's.  The d quadratic forms
-of a batch are one matmul: psi^T Sigma_j psi = ||L_j^T psi||^2 with all L_j^T psi from a
-single (B, p) @ (p, d p) product (:func:`cholesky_quadratic_form`); the factors are
-stored so that this operand is a free view.  Without gradients (evaluation) the factors
-are cached until a q(W, U) parameter changes.  The symmetric packed form
-(:func:`symmetric_packed`, :func:`packed_quadratic_form`) needs half the multiply-adds;
-``marginal_moments(x, form="packed")`` uses it with Sigma_j precomputed (cached) -- on CPU
-it is nevertheless slower than the Cholesky form (the p(p+1)/2 products psi_k psi_l are a
-memory-bound gather), so "chol" is the default everywhere.  :meth:`GPVAE.fused_encoder`
-snapshots x -> (m, v) as a standalone module with all x-independent operands precomputed
-(used by :mod:`gpvae.export`).
+of a batch need no loop over j: psi^T Sigma_j psi = ||L_j^T psi||^2, and column block K
+of all the L_j^T psi is psi_K @ D_K + psi[:, (K + 1) b:] @ S_K, (B, b) @ (b, d b) plus
+(B, p - (K + 1) b) @ (p - (K + 1) b, d b) -- the rows above the block are zero and
+skipped, so the products (one batched product for all the D_K, then a loop over the
+feature blocks, not over j) do (n + 1) / (2 n) of the dense (B, p) @ (p, d p) product's
+multiply-adds, forward and backward (:func:`blocked_cholesky_quadratic_form`, a custom
+autograd function that reads the stored blocks in place and writes their gradient in
+place: no dense factor is built while training; the same pass gives the
+sum_j ||L_j||_F^2 of the global KL, whose gradient it adds to the same buffer).
+:func:`cholesky_quadratic_form` is the same form for dense factors (d, p, p), which
+:meth:`GPVAE.cholesky_factors` builds (for tests, inference set-up and export).  The symmetric
+packed form (:func:`symmetric_packed`, :func:`packed_quadratic_form`) with Sigma_j
+precomputed needs about half the multiply-adds of the dense Cholesky form;
+``marginal_moments(x, form="packed")`` uses it with Sigma_j cached until a q(W, U)
+parameter changes, and :meth:`GPVAE.posterior` picks it without gradients for larger d
+(:func:`inference_form`).  :meth:`GPVAE.fused_encoder` snapshots x -> (m, v) as a
+standalone module with all x-independent operands precomputed (used by
+:mod:`gpvae.export`).
 
 Learning (Sec. 3.3)
 -------------------
@@ -71,6 +87,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.distributions import Independent, Normal
 
 from ..errors import ConfigError
@@ -201,6 +218,256 @@ def packed_quadratic_form(psi: torch.Tensor, packed: torch.Tensor,
     return packed_outer(psi, block) @ packed.transpose(0, 1)
 
 
+# --------------------------------------------------------------------------------------
+# Column-blocked Cholesky factors (the stored form of q(W, U)'s factors)
+# --------------------------------------------------------------------------------------
+CHOL_BLOCK = 32  # column block b of the stored factors (see chol_block_size)
+# Smaller b saves multiply-adds ((n + 1) / (2 n) of the dense form's) but runs more,
+# smaller products.  Measured on 2 CPU cores, batch 128, d = 50: one quadratic form forward
+# + backward at p = 256 took 12.6 / 11.9 / 12.7 ms for b = 16 / 32 / 64 (the dense
+# (B, p) @ (p, d p) form with index_put-built factors: 29.5 ms); a whole training step
+# (MNIST, p = 256) 85 / 79 / 87 ms, and (CIFAR-10 shape, p = 512) 164 / 165 / 170 ms.
+
+
+def chol_block_size(p: int, preferred: int = CHOL_BLOCK) -> int:
+    """The column block b of the stored factors: the largest divisor of p <= ``preferred``."""
+    return block_size(p, preferred)
+
+
+def chol_storage_rows(p: int, block: int) -> int:
+    """Rows of the stored factor, b n (n + 1) / 2 with n = p / b: the p rows of the n
+    diagonal blocks, then the p - (K + 1) b rows of each sub-diagonal slab K < n - 1."""
+    n = p // block
+    return block * n * (n + 1) // 2
+
+
+def _slab_rows(p: int, block: int) -> list[int]:
+    """Rows of the sub-diagonal slabs K = 0 .. n - 2 (they follow the diagonal blocks)."""
+    return [p - (k + 1) * block for k in range(p // block - 1)]
+
+
+def strict_lower_mask(block: int, like: torch.Tensor) -> torch.Tensor:
+    """1 below the diagonal of a b x b block, 0 on and above, shaped (1, b, 1, b) for the
+    (n, b, d, b) diagonal blocks, with ``like``'s dtype and device.  The functions below
+    build it per call unless given one (:class:`GPVAE` keeps it as a buffer)."""
+    return torch.ones(block, block, dtype=like.dtype, device=like.device).tril_(-1).view(
+        1, block, 1, block)
+
+
+def _mask_for(block: int, like: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return strict_lower_mask(block, like)
+    if mask.shape != (1, block, 1, block) or mask.dtype != like.dtype:
+        raise ValueError(f"mask must be strict_lower_mask({block}) in {like.dtype}, got "
+                         f"{tuple(mask.shape)} {mask.dtype}")
+    return mask
+
+
+def _check_blocked(log_diag: torch.Tensor, blocks: torch.Tensor, block: int) -> None:
+    d, p = log_diag.shape
+    if p % block or tuple(blocks.shape) != (chol_storage_rows(p, block), d, block):
+        raise ValueError(f"blocked factors of shape {tuple(blocks.shape)} do not match "
+                         f"log_diag {tuple(log_diag.shape)} with column block {block}")
+
+
+def _diagonal_blocks(log_diag: torch.Tensor, blocks: torch.Tensor, block: int, mask):
+    """The n triangular diagonal blocks of the L_j, (n, b, d, b) with [K, r, j, c] =
+    L_j[K b + r, K b + c] (stored strictly-lower entries, exp(log_diag) on the diagonal,
+    zero above), and exp(log_diag) (d, p)."""
+    d, p = log_diag.shape
+    n = p // block
+    diag = torch.exp(log_diag)
+    dg = blocks[:p].view(n, block, d, block) * mask
+    dg.diagonal(dim1=1, dim2=3).copy_(diag.view(d, n, block).transpose(0, 1))
+    return dg, diag
+
+
+class _BlockedCholeskyQuadratic(torch.autograd.Function):
+    """(q, f): q = psi^T L_j L_j^T psi (.., d) and f = sum_j ||L_j||_F^2 (scalar) for
+    column-blocked factors; see :func:`blocked_cholesky_quadratic_form`.
+
+    Forward: P[K] = psi_K @ D_K + psi[:, (K + 1) b:] @ S_K, (n, B, d b), with D_K the masked
+    diagonal blocks (one batched product) and S_K the sub-diagonal slabs (accumulated in
+    place), then q = the sum over K and the b columns of P^2.  Backward: G = 2 P dq;
+    dpsi = [G[K] D_K^T]_K + sum_K G[K] S_K^T on psi[:, (K + 1) b:]; dD = psi_K^T G[K] (one
+    batched product into the gradient's diagonal-block rows; its diagonals give
+    d log_diag), dS_K = psi[:, (K + 1) b:]^T G[K] straight into the gradient's slab rows;
+    then f's gradient 2 df L added in place and the unused entries zeroed.  (f rides along
+    so that the KL of eq. 15 adds to the same gradient buffer instead of a second one.)
+    """
+
+    @staticmethod
+    def forward(ctx, psi, log_diag, blocks, block, mask, with_frobenius):
+        ctx.set_materialize_grads(False)
+        d, p = log_diag.shape
+        n, b = p // block, block
+        lead = psi.shape[:-1]
+        x = psi.reshape(-1, p).contiguous()
+        rows = x.shape[0]
+        dg, diag = _diagonal_blocks(log_diag, blocks, b, mask)
+        proj = torch.bmm(x.view(rows, n, b).transpose(0, 1), dg.view(n, b, d * b))
+        slab_part = blocks[p:].view(-1)
+        if n > 1:
+            slabs = blocks[p:].view(-1, d * b).split(_slab_rows(p, b))
+            for k, (out, slab) in enumerate(zip(proj.unbind(0), slabs)):
+                out.addmm_(x[:, (k + 1) * b:], slab)
+        # sum of squares over the b columns (a norm: one pass, no temporary), then over the
+        # n blocks
+        q = torch.linalg.vector_norm(proj.view(n, rows * d, b), dim=-1).square_().sum(0)
+        if with_frobenius:
+            frob = dg.square().sum() + torch.dot(slab_part, slab_part)
+        else:
+            frob = blocks.new_zeros(())
+        ctx.save_for_backward(x, diag, blocks, dg, proj, mask)
+        ctx.block, ctx.lead = b, lead
+        return q.view(*lead, d), frob
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_q, grad_frob):
+        x, diag, blocks, dg, proj, mask = ctx.saved_tensors
+        b = ctx.block
+        d, p = diag.shape
+        n, rows = p // b, x.shape[0]
+        grad_psi = grad_log_diag = grad_blocks = None
+        need_psi, need_log_diag, need_blocks = ctx.needs_input_grad[:3]
+        if grad_q is not None:
+            g = (proj.view(n, rows, d, b) * (2.0 * grad_q.reshape(1, rows, d, 1))).view(
+                n, rows, d * b)
+            gs = g.unbind(0)
+        if need_psi:
+            if grad_q is None:
+                grad_psi = x.new_zeros(*ctx.lead, p)
+            else:
+                grad_psi = torch.bmm(g, dg.view(n, b, d * b).transpose(1, 2))  # (n, B, b)
+                grad_psi = grad_psi.transpose(0, 1).reshape(rows, p)
+                if n > 1:
+                    slabs = blocks[p:].view(-1, d * b).split(_slab_rows(p, b))
+                    for k, slab in enumerate(slabs):
+                        grad_psi[:, (k + 1) * b:].addmm_(gs[k], slab.t())
+                grad_psi = grad_psi.view(*ctx.lead, p)
+        if need_log_diag or need_blocks:
+            if grad_q is None:
+                grad_blocks = torch.zeros_like(blocks)
+            else:
+                grad_blocks = torch.empty_like(blocks)
+                torch.bmm(x.view(rows, n, b).permute(1, 2, 0), g,
+                          out=grad_blocks[:p].view(n, b, d * b))
+                if n > 1:
+                    grad_slabs = grad_blocks[p:].view(-1, d * b).split(_slab_rows(p, b))
+                    for k, out in enumerate(grad_slabs):
+                        torch.mm(x[:, (k + 1) * b:].t(), gs[k], out=out)
+            grad_dg = grad_blocks[:p].view(n, b, d, b)
+            # the diagonal entries' gradient, before f's term touches the (unused) stored
+            # diagonal; L_jkk = exp(log_diag_jk)
+            grad_log_diag = grad_dg.diagonal(dim1=1, dim2=3).transpose(0, 1).reshape(d, p)
+            if grad_frob is not None:  # d f / d L = 2 L
+                grad2 = 2.0 * grad_frob
+                grad_log_diag = grad_log_diag + grad2 * diag
+                grad_blocks.addcmul_(blocks, grad2)
+            grad_log_diag = grad_log_diag * diag
+            grad_dg.mul_(mask)  # unused entries: no gradient
+            if not need_log_diag:
+                grad_log_diag = None
+            if not need_blocks:
+                grad_blocks = None
+        return grad_psi, grad_log_diag, grad_blocks, None, None, None
+
+
+def _quadratic_and_frobenius(psi, log_diag, blocks, block, mask=None, with_frobenius=True):
+    """(psi^T L_j L_j^T psi (..., d), sum_j ||L_j||_F^2) from column-blocked factors (the
+    second a constant 0 unless ``with_frobenius``)."""
+    _check_blocked(log_diag, blocks, block)
+    blocks = blocks.contiguous()  # (a no-op for the model's parameters)
+    return _BlockedCholeskyQuadratic.apply(psi, log_diag, blocks, block,
+                                           _mask_for(block, blocks, mask), with_frobenius)
+
+
+def blocked_cholesky_quadratic_form(psi: torch.Tensor, log_diag: torch.Tensor,
+                                    blocks: torch.Tensor, block: int,
+                                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """psi^T (L_j L_j^T) psi = ||L_j^T psi||^2 for every j, from column-blocked factors.
+
+    Args:
+        psi: features (..., p).
+        log_diag: log of the diagonals of the L_j, (d, p).
+        blocks: the stored strictly-lower parts (:func:`chol_storage_rows`, d, b) in the
+            column-blocked layout of the module docstring; entries on and above the
+            diagonal of the diagonal blocks are ignored and get zero gradient.
+        block: the column block b (a divisor of p).
+        mask: optionally, :func:`strict_lower_mask` ``(block, blocks)``, precomputed.
+    Returns:
+        (..., d).  Cost: one batched (n, rows, b) @ (n, b, d b) product for the diagonal
+        blocks and n - 1 products (rows, p - (K + 1) b) @ (p - (K + 1) b, d b), i.e.
+        (n + 1) / (2 n) of :func:`cholesky_quadratic_form`'s multiply-adds, forward and
+        backward; no dense factor is formed.  Not twice differentiable.
+    """
+    return _quadratic_and_frobenius(psi, log_diag, blocks, block, mask, False)[0]
+
+
+class _BlockedFrobenius(torch.autograd.Function):
+    """||L_j||_F^2 summed over j from column-blocked storage: the used (strictly-lower)
+    stored entries squared plus exp(2 log_diag)."""
+
+    @staticmethod
+    def forward(ctx, log_diag, blocks, block, mask):
+        d, p = log_diag.shape
+        slabs = blocks[p:].reshape(-1)
+        total = ((blocks[:p].view(p // block, block, d, block) * mask).square().sum()
+                 + torch.dot(slabs, slabs) + torch.exp(2.0 * log_diag).sum())
+        ctx.save_for_backward(log_diag, blocks, mask)
+        ctx.block = block
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        log_diag, blocks, mask = ctx.saved_tensors
+        d, p = log_diag.shape
+        b = ctx.block
+        grad2 = 2.0 * grad
+        grad_blocks = blocks * grad2
+        grad_blocks[:p].view(p // b, b, d, b).mul_(mask)
+        return torch.exp(2.0 * log_diag) * grad2, grad_blocks, None, None
+
+
+def blocked_frobenius(log_diag: torch.Tensor, blocks: torch.Tensor, block: int,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_j ||L_j||_F^2 = sum_j tr Sigma_j of column-blocked factors (scalar); unused
+    entries are ignored and get zero gradient."""
+    _check_blocked(log_diag, blocks, block)
+    blocks = blocks.contiguous()
+    return _BlockedFrobenius.apply(log_diag, blocks, block, _mask_for(block, blocks, mask))
+
+
+def blocked_to_dense(log_diag: torch.Tensor, blocks: torch.Tensor, block: int) -> torch.Tensor:
+    """The lower-triangular factors L (d, p, p) of column-blocked storage (differentiable;
+    a loop over the n column blocks -- for tests, inference set-up and export)."""
+    _check_blocked(log_diag, blocks, block)
+    blocks = blocks.contiguous()
+    d, p = log_diag.shape
+    dg, _ = _diagonal_blocks(log_diag, blocks, block, strict_lower_mask(block, blocks))
+    slabs = blocks[p:].split(_slab_rows(p, block)) + (blocks.new_zeros(0, d, block),)
+    cols = [torch.cat([blocks.new_zeros(k * block, d, block), dg[k], slab], 0)
+            for k, slab in enumerate(slabs)]  # column block k: zeros, diagonal block, slab
+    return torch.cat(cols, -1).permute(1, 0, 2)  # (p, d, p) -> (d, p, p)
+
+
+def dense_to_blocked(chol: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log_diag (d, p), blocks) storing lower-triangular factors ``chol`` (d, p, p) with a
+    positive diagonal: the inverse of :func:`blocked_to_dense` (unused entries zero)."""
+    d, p, _ = chol.shape
+    n = p // block
+    stacked = chol.permute(1, 0, 2)  # [l, j, k] = L_j[l, k]
+    diag_blocks = torch.stack([stacked[k * block:(k + 1) * block, :, k * block:(k + 1) * block]
+                               for k in range(n)])
+    diag_blocks = (diag_blocks * strict_lower_mask(block, chol)).reshape(p, d, block)
+    slabs = [stacked[(k + 1) * block:, :, k * block:(k + 1) * block] for k in range(n - 1)]
+    blocks = torch.cat([diag_blocks, *slabs], 0).contiguous()
+    log_diag = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).contiguous()
+    return log_diag, blocks
+
+
 def kl_to_standard_normal(mean: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
     """sum_j KL(N(mean_j, L_j L_j^T) || N(0, I_p)) in closed form (last term of eq. 15).
 
@@ -228,36 +495,25 @@ class GPVAE(LatentVariableModel):
         self.encoder = GaussianEncoder(self.arch, d)  # b(x), c(x): the VAE's encoder
         self.psi_m = EncoderTrunk(self.arch)          # psi^m(x) (mean kernel features)
         self.psi_s = EncoderTrunk(self.arch)          # psi^s(x) (std kernel features)
-        # q(W, U) of eq. (11)
+        # q(W, U) of eq. (11); *_offdiag in the column-blocked layout of the module docstring
         log_std = math.log(config.gp_init_std)
-        n_off = p * (p - 1) // 2
+        self.chol_block = chol_block_size(p)
+        rows = chol_storage_rows(p, self.chol_block)
         self.mu = nn.Parameter(torch.zeros(d, p))
         self.eta = nn.Parameter(torch.zeros(d, p))
-        self.sigma_offdiag = nn.Parameter(torch.zeros(d, n_off))
+        self.sigma_offdiag = nn.Parameter(torch.zeros(rows, d, self.chol_block))
         self.sigma_log_diag = nn.Parameter(torch.full((d, p), log_std))
-        self.gamma_offdiag = nn.Parameter(torch.zeros(d, n_off))
+        self.gamma_offdiag = nn.Parameter(torch.zeros(rows, d, self.chol_block))
         self.gamma_log_diag = nn.Parameter(torch.full((d, p), log_std))
-        rows, cols = torch.tril_indices(p, p, offset=-1)  # packing order of *_offdiag
-        self.register_buffer("_tril_rows", rows, persistent=False)
-        self.register_buffer("_tril_cols", cols, persistent=False)
-        self.register_buffer("_diag", torch.arange(p), persistent=False)
+        self.register_buffer("_chol_mask", strict_lower_mask(self.chol_block, self.mu),
+                             persistent=False)
         self._factor_cache: dict = {}  # see _factors
 
     # --- q(W, U) --------------------------------------------------------------------------
     def _factor(self, offdiag: torch.Tensor, log_diag: torch.Tensor) -> torch.Tensor:
-        """Lower-triangular factors (d, p, p) from their packed parameters.
-
-        The storage is laid out as (p, d, p) -- entry [l, j, k] = L_j[l, k] -- and the
-        returned (d, p, p) tensor is a permuted view of it, so that
-        :func:`cholesky_quadratic_form`'s (p, d p) operand is a free reshape.  Written in
-        place into fresh zeros (one scatter of the strictly-lower entries, one of the
-        diagonal): no full-size clones on the forward pass.
-        """
-        d, p = log_diag.shape
-        stacked = offdiag.new_zeros(p, d, p)
-        stacked[self._tril_rows, :, self._tril_cols] = offdiag.T
-        stacked[self._diag, :, self._diag] = torch.exp(log_diag).T
-        return stacked.permute(1, 0, 2)
+        """Dense lower-triangular factors (d, p, p) from the column-blocked parameters
+        (differentiable; not used by training, which reads the blocks in place)."""
+        return blocked_to_dense(log_diag, offdiag, self.chol_block)
 
     def cholesky_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(L, M): lower-triangular Cholesky factors of Sigma_j and Gamma_j, each (d, p, p)
@@ -265,11 +521,11 @@ class GPVAE(LatentVariableModel):
         return (self._factor(self.sigma_offdiag, self.sigma_log_diag),
                 self._factor(self.gamma_offdiag, self.gamma_log_diag))
 
-    @staticmethod
-    def _kl_from_parameters(mean, offdiag, log_diag) -> torch.Tensor:
-        # = kl_to_standard_normal(mean, L) without forming L: ||L||_F^2 from the stored
-        # entries, log det from log_diag exactly.
-        trace = offdiag.square().sum() + torch.exp(2.0 * log_diag).sum()
+    def _kl_from_parameters(self, mean, offdiag, log_diag, trace=None) -> torch.Tensor:
+        # = kl_to_standard_normal(mean, L) without forming L: ||L||_F^2 (``trace``, when
+        # already computed) from the used stored entries, log det from log_diag exactly.
+        if trace is None:
+            trace = blocked_frobenius(log_diag, offdiag, self.chol_block, self._chol_mask)
         return 0.5 * (trace + mean.square().sum() - mean.numel() - 2.0 * log_diag.sum())
 
     def kl_wu(self) -> torch.Tensor:
@@ -281,9 +537,28 @@ class GPVAE(LatentVariableModel):
         return (self._kl_from_parameters(self.mu, self.sigma_offdiag, self.sigma_log_diag)
                 + self._kl_from_parameters(self.eta, self.gamma_offdiag, self.gamma_log_diag))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the column-blocked layout stored each strictly-lower
+        # part packed row by row, (d, p (p - 1) / 2): convert them on load
+        d, p = self.latent_dim, self.feature_dim
+        for pre in ("sigma", "gamma"):
+            off, logd = state_dict.get(f"{prefix}{pre}_offdiag"), state_dict.get(
+                f"{prefix}{pre}_log_diag")
+            if (off is not None and logd is not None and off.dim() == 2
+                    and tuple(off.shape) == (d, p * (p - 1) // 2)):
+                dense = off.new_zeros(d, p, p)
+                rows, cols = torch.tril_indices(p, p, offset=-1, device=off.device)
+                dense[:, rows, cols] = off
+                dense.diagonal(dim1=-2, dim2=-1).copy_(torch.exp(logd))
+                state_dict[f"{prefix}{pre}_offdiag"] = dense_to_blocked(dense,
+                                                                        self.chol_block)[1]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _factors(self, form: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (Sigma, Gamma) operands of the quadratic forms: Cholesky factors (form
-        "chol") or :func:`symmetric_packed` (form "packed").
+        """The (Sigma, Gamma) operands of the quadratic forms: dense Cholesky factors (form
+        "chol", :meth:`cholesky_factors`) or :func:`symmetric_packed` (form "packed").
+        :meth:`moments` needs them only for "packed" (its "chol" form reads the stored
+        blocks in place).
 
         When no gradient is needed (``torch.no_grad()``, evaluation) they are cached and
         rebuilt only when a factor parameter changes (keyed on storage, in-place version,
@@ -323,20 +598,41 @@ class GPVAE(LatentVariableModel):
           the random standard deviation h_j(x) = c_j + u_j^T psi^s under q(U);
         * ``qm`` = psi^m^T Sigma_j psi^m: the variance of f_j(x) under q(W).
 
-        ``form``: "chol" (:func:`cholesky_quadratic_form`, for training) or "packed"
-        (:func:`packed_quadratic_form` with cached Sigma_j, for inference).
+        ``form``: "chol" (:func:`blocked_cholesky_quadratic_form` on the stored factor
+        blocks, for training) or "packed" (:func:`packed_quadratic_form` with cached
+        Sigma_j, for inference).
         """
+        return self._moments(x, form)[0]
+
+    def _moments(self, x: torch.Tensor, form: str, with_kl_wu: bool = False):
+        """(:meth:`moments`, :meth:`kl_wu` or None): with the "chol" form the KL's
+        ||L_j||_F^2 comes out of the quadratic forms' pass, sharing its gradient buffers."""
         if form not in QUADRATIC_FORMS:
             raise ValueError(f"unknown form {form!r}; choose from {', '.join(QUADRATIC_FORMS)}")
         feats = self.features(x)
         psi_m, psi_s = feats["psi_m"], feats["psi_s"]
-        m = feats["b"] + psi_m @ self.mu.T
-        a = feats["c"] + psi_s @ self.eta.T
-        sigma, gamma = self._factors(form)
-        quadratic = cholesky_quadratic_form if form == "chol" else packed_quadratic_form
-        qm, s2 = quadratic(psi_m, sigma), quadratic(psi_s, gamma)
+        m = torch.addmm(feats["b"], psi_m, self.mu.T)
+        a = torch.addmm(feats["c"], psi_s, self.eta.T)
+        kl_wu = None
+        if form == "chol":
+            qm, tr_sigma = _quadratic_and_frobenius(psi_m, self.sigma_log_diag,
+                                                    self.sigma_offdiag, self.chol_block,
+                                                    self._chol_mask, with_kl_wu)
+            s2, tr_gamma = _quadratic_and_frobenius(psi_s, self.gamma_log_diag,
+                                                    self.gamma_offdiag, self.chol_block,
+                                                    self._chol_mask, with_kl_wu)
+            if with_kl_wu:
+                kl_wu = (self._kl_from_parameters(self.mu, self.sigma_offdiag,
+                                                  self.sigma_log_diag, tr_sigma)
+                         + self._kl_from_parameters(self.eta, self.gamma_offdiag,
+                                                    self.gamma_log_diag, tr_gamma))
+        else:
+            sigma, gamma = self._factors(form)
+            qm, s2 = packed_quadratic_form(psi_m, sigma), packed_quadratic_form(psi_s, gamma)
+        if with_kl_wu and kl_wu is None:
+            kl_wu = self.kl_wu()
         v = a.square() + qm + s2
-        return {"m": m, "v": v, "a": a, "s2": s2, "qm": qm}
+        return {"m": m, "v": v, "a": a, "s2": s2, "qm": qm}, kl_wu
 
     def marginal_moments(self, x: torch.Tensor, form: str = "chol"):
         """(m, v) of the moment-matched marginal q(z|x) = N(m, Diag(v)), eq. (13)."""
@@ -371,10 +667,9 @@ class GPVAE(LatentVariableModel):
         """The three terms of eq. (15): ``rec`` (B,) -- log p(x|z) at one reparameterised
         z ~ q(z|x) (13); ``kl`` (B,) -- the averaged KL (16); ``kl_wu`` () --
         KL(q(W,U) || N(0,I)) (not yet divided by N)."""
-        mom = self.moments(x, "chol")
+        mom, kl_wu = self._moments(x, "chol", with_kl_wu=True)
         z = Independent(Normal(mom["m"], mom["v"].sqrt()), 1).rsample()
-        return {"rec": self.log_likelihood(x, z), "kl": self.averaged_kl(mom),
-                "kl_wu": self.kl_wu()}
+        return {"rec": self.log_likelihood(x, z), "kl": self.averaged_kl(mom), "kl_wu": kl_wu}
 
     def training_objective(self, x: torch.Tensor, n_train: int) -> tuple[torch.Tensor, dict]:
         """Per-example ELBO of eq. (15), rec - kl - kl_wu / N with N = ``n_train``.
