@@ -6,6 +6,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from gpvae.export import export_encoder
@@ -114,3 +115,33 @@ def test_bench_inference_json_reports_ratios_and_flop_floor():
     assert out["models"]["vae"]["ratio_to_vae"] == 1.0
     gp = out["models"]["gpvae"]
     assert gp["ms_per_batch"] > 0 and gp["flop_ratio_to_vae"] > 3  # three networks + eq. 13
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (3, 64, 64)])
+def test_flop_counts_match_torch_flop_counter(shape):
+    """The analytic counts behind every 'FLOP floor' equal PyTorch's own FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gpvae.flops import forward_flops
+
+    model = build_model("gpvae", shape, latent_dim=10)
+    for net, x in ((model.encoder, torch.zeros(2, *shape)), (model.psi_m, torch.zeros(2, *shape)),
+                   (model.decoder, torch.zeros(2, 10))):
+        with FlopCounterMode(display=False) as counter:
+            net(x)
+        assert forward_flops(net, x) == counter.get_total_flops() > 0
+
+
+def test_bench_train_and_quadratic_json():
+    r = _cli("bench-train", "--models", "gpvae", "--latent-dim", "8", "--steps", "1",
+             "--repeats", "1", "--json", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out["models"]) == {"vae", "gpvae"} and out["models"]["vae"]["ratio_to_vae"] == 1.0
+    assert out["models"]["gpvae"]["ms_per_step"] > 0
+    assert out["models"]["gpvae"]["flop_ratio_to_vae"] > 2  # three encoders + one decoder
+    r = _cli("bench-quadratic", "--latent-dims", "4", "--blocks", "8,16", "--features", "32",
+             "--repeats", "1", "--json", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout)["rows"][0]
+    assert {"chol_ms", "blocked_ms", "packed_b8_ms", "packed_b16_ms"} <= set(row)

@@ -217,3 +217,27 @@ def test_bad_method():
         expected_log_square(torch.ones(1), torch.ones(1), method="quadrature")
     with pytest.raises(ValueError):
         expected_log_square(torch.ones(1), torch.ones(1), method="mc", n_samples=0)
+
+
+def test_cpu_subset_path_equals_branch_free_path():
+    """On CPU the Poisson series is evaluated only where t < T_SWITCH; accelerators use the
+    branch-free form.  Both must give the same values and derivatives, for a mix of
+    elements on both sides of the switch (including s2 = 0) and non-contiguous input."""
+    from gpvae.special import _exact_with_grads
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(7, 40, generator=g, dtype=torch.float64) * 3
+    s2 = torch.rand(7, 40, generator=g, dtype=torch.float64) * torch.logspace(-6, 1, 40,
+                                                                           dtype=torch.float64)
+    s2[0, :5] = 0.0
+    t = a * a / (2 * s2)
+    assert (t < T_SWITCH).any() and (t >= T_SWITCH).any()
+    for aa, ss in ((a, s2), (a.T, s2.T)):  # the transpose: non-contiguous
+        for need in (False, True):
+            sub = _exact_with_grads(aa, ss, need, subset=True)
+            full = _exact_with_grads(aa, ss, need, subset=False)
+            for x, y in zip(sub, full):
+                if y is None:
+                    assert x is None
+                else:
+                    torch.testing.assert_close(x, y, rtol=0, atol=0)

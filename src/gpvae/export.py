@@ -3,8 +3,8 @@
 The file is a ``torch.export`` program (``.pt2``): an ATen graph with its weights, loadable
 with ``torch.export.load(path).module()`` in a process that has only PyTorch -- gpvae is not
 needed.  The batch dimension is dynamic.  Everything that does not depend on x is folded in
-before export (for the GPVAE: the packed covariances Sigma_j, Gamma_j of eq. 13, computed
-once from their Cholesky factors).
+before export (for the GPVAE: the diagonal blocks of the Cholesky factors of Sigma_j,
+Gamma_j of eq. 13, with their diagonals exponentiated and upper triangles zeroed).
 """
 from __future__ import annotations
 
@@ -26,6 +26,11 @@ def encoder_module(model) -> torch.nn.Module:
 def export_encoder(model, path, batch_size: int = 4) -> Path:
     """Export :func:`encoder_module` with a dynamic batch dimension to ``path`` (.pt2)."""
     module = encoder_module(model).to("cpu")
+    with torch.no_grad():
+        # the .pt2 archive stores weights as plain contiguous tensors; the graph still
+        # converts x to channels-last where the networks do, and the convolutions follow
+        for p in module.parameters():
+            p.data = p.data.contiguous()
     example = torch.rand(batch_size, *model.image_shape)
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     with torch.no_grad():

@@ -80,8 +80,21 @@ class EncoderTrunk(nn.Module):
         layers += [nn.Flatten(), nn.Linear(c_in * size * size, arch.hidden), _leaky()]
         self.net = nn.Sequential(*layers)
         self.out_features = arch.hidden
+        self.use_channels_last(True)
+
+    def use_channels_last(self, enabled: bool = True) -> "EncoderTrunk":
+        """Switch the convolutions between NHWC (default, faster) and NCHW.  Only the
+        memory layout changes: the values, the state dict and the outputs are the same."""
+        self.channels_last = enabled
+        fmt = torch.channels_last if enabled else torch.contiguous_format
+        self.net.to(memory_format=fmt)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # NHWC: oneDNN's fast convolution kernels (see ConvDecoder.forward); the first,
+        # one-input-channel convolution of Tab. 6 gains most (docs/benchmarks.md)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
 

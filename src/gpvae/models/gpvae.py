@@ -55,10 +55,9 @@ sum_j ||L_j||_F^2 of the global KL, whose gradient it adds to the same buffer).
 :func:`cholesky_quadratic_form` is the same form for dense factors (d, p, p), which
 :meth:`GPVAE.cholesky_factors` builds (for tests, inference set-up and export).  The symmetric
 packed form (:func:`symmetric_packed`, :func:`packed_quadratic_form`) with Sigma_j
-precomputed needs about half the multiply-adds of the dense Cholesky form;
-``marginal_moments(x, form="packed")`` uses it with Sigma_j cached until a q(W, U)
-parameter changes, and :meth:`GPVAE.posterior` picks it without gradients for larger d
-(:func:`inference_form`).  :meth:`GPVAE.fused_encoder` snapshots x -> (m, v) as a
+precomputed needs about as many multiply-adds as the blocked form but was slower in
+every measurement (``PACK_BLOCK``); ``marginal_moments(x, form="packed")`` uses it, with
+Sigma_j cached until a q(W, U) parameter changes.  :meth:`GPVAE.fused_encoder` snapshots x -> (m, v) as a
 standalone module with all x-independent operands precomputed (used by
 :mod:`gpvae.export`).
 
@@ -146,16 +145,14 @@ def cholesky_quadratic_form(psi: torch.Tensor, chol: torch.Tensor) -> torch.Tens
 
 
 PACK_BLOCK = 32  # block size of the symmetric packed form (see block_size)
-# The packed form pays a fixed cost (forming the block outer products of psi) that only the
-# saved d-fold arithmetic repays: measured on 2 CPU cores with p = 256 and a batch of 128,
-# one quadratic form took 8.3 ms (Cholesky) vs 5.6 ms (packed) at d = 50, but 1.8 vs 4.5 ms
-# at d = 10 (docs/benchmarks.md).  Inference uses the packed form from this d on.
-PACKED_MIN_LATENT = 32
-
-
-def inference_form(latent_dim: int) -> str:
-    """The faster quadratic form for gradient-free inference at this latent dimension."""
-    return "packed" if latent_dim >= PACKED_MIN_LATENT else "chol"
+# The packed form needs about the multiply-adds of the column-blocked Cholesky form below
+# (~56% vs ~53% of the dense form's for b = 32, p = 256) and forms the block outer products of
+# psi first, a (B, P b^2) temporary that falls out of cache.  `gpvae bench-quadratic
+# --latent-dims 10,20,32,50` on 2 CPU cores (p = 256, batch 128), one form alone, ms:
+# column-blocked 0.8 / 1.8 / 3.5 / 5.3, packed (b = 32) 3.6 / 3.4 / 3.7 / 5.3; within a whole
+# GPVAE q(z|x) pass at d = 50 the blocked form was ~12% faster (docs/benchmarks.md).  So
+# inference uses the blocked form at every d; the packed form stays available
+# (``form="packed"``) for comparison.
 
 
 def block_size(p: int, preferred: int = PACK_BLOCK) -> int:
@@ -572,7 +569,9 @@ class GPVAE(LatentVariableModel):
             chol_sigma, chol_gamma = self.cholesky_factors()
             if form == "chol":
                 return chol_sigma, chol_gamma
-            return symmetric_packed(chol_sigma), symmetric_packed(chol_gamma)
+            # (d, P b^2) views of (P b^2, d)-contiguous tensors: packed_quadratic_form's
+            # product then reads its right operand contiguous (~15% faster at d = 50)
+            return tuple(symmetric_packed(c).T.contiguous().T for c in (chol_sigma, chol_gamma))
 
         if torch.is_grad_enabled() and any(q.requires_grad for q in params):
             return build()
@@ -642,11 +641,10 @@ class GPVAE(LatentVariableModel):
     def posterior(self, x: torch.Tensor) -> Independent:
         """q(z|x) = N(m(x), Diag(v(x))) of eq. (13), batch_shape (B,), event_shape (d,).
 
-        With gradients the quadratic forms use the Cholesky form; without (evaluation) the
-        faster of the cached Cholesky factors and the cached symmetric packed covariances
-        (about half the arithmetic; :func:`inference_form`)."""
-        form = "chol" if torch.is_grad_enabled() else inference_form(self.latent_dim)
-        m, v = self.marginal_moments(x, form)
+        The quadratic forms use the column-blocked Cholesky factors in place, with or
+        without gradients (faster than the packed form at every d measured; see
+        ``PACK_BLOCK``)."""
+        m, v = self.marginal_moments(x, "chol")
         return Independent(Normal(m, v.sqrt()), 1)
 
     # --- the objective ----------------------------------------------------------------------
@@ -697,61 +695,55 @@ class GPVAE(LatentVariableModel):
     def fused_encoder(self) -> nn.Module:
         """A standalone module x -> (m(x), v(x)) of eq. (13) (mean and *variance*, each
         (B, d)) with everything that does not depend on x precomputed as buffers: mu^T,
-        eta^T and the symmetric packed Sigma_j, Gamma_j stacked so that both quadratic
-        forms of eq. (13) are one matrix product.  The networks are copied, so the module
-        is independent of later training of this model."""
+        eta^T and the diagonal blocks and slabs of the column-blocked L_j, M_j, stacked so
+        that both quadratic forms of eq. (13) share one batched product.  The networks are
+        copied, so the module is independent of later training of this model."""
         return _FusedMarginalEncoder(self)
 
 
 class _FusedMarginalEncoder(nn.Module):
     """See :meth:`GPVAE.fused_encoder`: eq. (13) with x-independent parts folded in.
 
-    Both quadratic forms of eq. (13) are one matrix product against a precomputed operand:
-    the symmetric packed Sigma_j, Gamma_j stacked along the contraction ((2 P b^2, d)) when
-    :func:`inference_form` picks "packed", else the stacked Cholesky factors
-    ([L_j; M_j] as (2 p, d p), squared and summed over p)."""
+    Both quadratic forms of eq. (13) use the column-blocked Cholesky form of
+    :func:`blocked_cholesky_quadratic_form` with its diagonal blocks precomputed (exp of the
+    log-diagonal put in, the unused upper triangle zeroed) and L_j, M_j side by side: one
+    batched product over the 2n diagonal blocks of [psi^m, psi^s], then the 2(n - 1)
+    sub-diagonal slabs, then one sum of squares, since v needs only qm + s2."""
 
     def __init__(self, model: GPVAE):
         super().__init__()
-        self.form = inference_form(model.latent_dim)
         self.latent_dim, self.feature_dim = model.latent_dim, model.feature_dim
-        self.block = block_size(model.feature_dim)
+        self.block = model.chol_block
         self.encoder = copy.deepcopy(model.encoder)
         self.psi_m = copy.deepcopy(model.psi_m)
         self.psi_s = copy.deepcopy(model.psi_s)
-        d, p = self.latent_dim, self.feature_dim
+        d, p, b = self.latent_dim, self.feature_dim, self.block
+        n = p // b
+        self.n_slabs = n - 1
         with torch.no_grad():
-            chol_sigma, chol_gamma = model.cholesky_factors()
-            if self.form == "packed":
-                op = torch.cat([symmetric_packed(chol_sigma, self.block),
-                                symmetric_packed(chol_gamma, self.block)], 1).T
-            else:  # stacked[l, j p + k] = L_j[l, k], as in cholesky_quadratic_form
-                op = torch.cat([chol_sigma.transpose(0, 1).reshape(p, d * p),
-                                chol_gamma.transpose(0, 1).reshape(p, d * p)], 0)
-            self.register_buffer("quad_op", op.contiguous().clone())
+            diag_blocks, slabs = [], []
+            for log_diag, blocks in ((model.sigma_log_diag, model.sigma_offdiag),
+                                     (model.gamma_log_diag, model.gamma_offdiag)):
+                dg, _ = _diagonal_blocks(log_diag, blocks.detach().clone(), b, model._chol_mask)
+                diag_blocks.append(dg.reshape(n, b, d * b))
+                slabs += [s.clone() for s in blocks[p:].reshape(-1, d * b).split(_slab_rows(p, b))]
+            self.register_buffer("diag_blocks", torch.cat(diag_blocks, 0).contiguous())
+            for k, slab in enumerate(slabs):  # sigma's n - 1 slabs, then gamma's
+                self.register_buffer(f"slab{k}", slab.contiguous())
             self.register_buffer("mu_t", model.mu.detach().T.contiguous().clone())
             self.register_buffer("eta_t", model.eta.detach().T.contiguous().clone())
-            n = p // self.block
-            rows, cols = torch.triu_indices(n, n, device=op.device)
-            self.register_buffer("rows", rows)
-            self.register_buffer("cols", cols)
-
-    def _outer(self, psi: torch.Tensor) -> torch.Tensor:
-        pb = psi.reshape(psi.shape[0], -1, self.block)
-        outer = pb[:, self.rows, :].unsqueeze(-1) * pb[:, self.cols, :].unsqueeze(-2)
-        return outer.flatten(1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, c = self.encoder(x)
         psi_m, psi_s = self.psi_m(x), self.psi_s(x)
-        m = b + psi_m @ self.mu_t
-        a = c + psi_s @ self.eta_t
-        if self.form == "packed":
-            quad = torch.cat([self._outer(psi_m), self._outer(psi_s)], 1) @ self.quad_op
-        else:
-            p, d = self.feature_dim, self.latent_dim
-            proj = psi_m @ self.quad_op[:p]
-            proj_s = psi_s @ self.quad_op[p:]
-            quad = (proj.view(-1, d, p).square().sum(-1)
-                    + proj_s.view(-1, d, p).square().sum(-1))
+        m = torch.addmm(b, psi_m, self.mu_t)
+        a = torch.addmm(c, psi_s, self.eta_t)
+        d, p, blk = self.latent_dim, self.feature_dim, self.block
+        rows, n = x.shape[0], p // blk
+        feats = torch.cat([psi_m, psi_s], 1)  # (B, 2p): 2n column blocks
+        proj = torch.bmm(feats.view(rows, 2 * n, blk).transpose(0, 1), self.diag_blocks)
+        for k in range(self.n_slabs):  # in place, as in the training form
+            proj[k].addmm_(psi_m[:, (k + 1) * blk:], getattr(self, f"slab{k}"))
+            proj[n + k].addmm_(psi_s[:, (k + 1) * blk:], getattr(self, f"slab{self.n_slabs + k}"))
+        quad = torch.linalg.vector_norm(proj.view(2 * n, rows, d, blk), dim=-1).square().sum(0)
         return m, a.square() + quad
