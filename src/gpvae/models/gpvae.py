@@ -465,6 +465,28 @@ def dense_to_blocked(chol: torch.Tensor, block: int) -> tuple[torch.Tensor, torc
     return log_diag, blocks
 
 
+def stacked_blocked_quadratic_forms(psi_m: torch.Tensor, psi_s: torch.Tensor,
+                                    diag_blocks: torch.Tensor, slabs: list[torch.Tensor],
+                                    block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both quadratic forms of eq. (13), psi^m^T Sigma_j psi^m and psi^s^T Gamma_j psi^s, each
+    (B, d), from column-blocked factors with their diagonal blocks precomputed: the 2n
+    diagonal blocks of [L; M] (``diag_blocks``, (2n, b, d b), as :func:`_diagonal_blocks`
+    gives them) in one batched product, then the 2(n - 1) sub-diagonal slabs (``slabs``: the
+    n - 1 slabs of L, then those of M, each (p - (K + 1) b, d b)) added in place.  The same
+    arithmetic as two :func:`blocked_cholesky_quadratic_form` calls, without autograd (for
+    inference and the exported encoder)."""
+    rows, p = psi_m.shape
+    n = p // block
+    d = diag_blocks.shape[-1] // block
+    feats = torch.cat([psi_m, psi_s], 1)  # (B, 2p): 2n column blocks
+    proj = torch.bmm(feats.view(rows, 2 * n, block).transpose(0, 1), diag_blocks)
+    for k in range(n - 1):
+        proj[k].addmm_(psi_m[:, (k + 1) * block:], slabs[k])
+        proj[n + k].addmm_(psi_s[:, (k + 1) * block:], slabs[n - 1 + k])
+    sq = torch.linalg.vector_norm(proj.view(2 * n, rows, d, block), dim=-1).square()
+    return sq[:n].sum(0), sq[n:].sum(0)
+
+
 def kl_to_standard_normal(mean: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
     """sum_j KL(N(mean_j, L_j L_j^T) || N(0, I_p)) in closed form (last term of eq. 15).
 
@@ -583,6 +605,27 @@ class GPVAE(LatentVariableModel):
             self._factor_cache[form] = hit
         return hit[1]
 
+    def _inference_operands(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The operands of :func:`stacked_blocked_quadratic_forms`: the diagonal blocks of
+        L_j and M_j, (2n, b, d b), and their 2(n - 1) slabs (views of the stored factors).
+        Cached like :meth:`_factors` (only ever called without gradients)."""
+        d, p, b = self.latent_dim, self.feature_dim, self.chol_block
+        params = (self.sigma_offdiag, self.sigma_log_diag, self.gamma_offdiag,
+                  self.gamma_log_diag)
+        key = tuple((q.data_ptr(), q._version, q.dtype, q.device) for q in params)
+        hit = self._factor_cache.get("blocked")
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                diag, slabs = [], []
+                for log_diag, blocks in ((self.sigma_log_diag, self.sigma_offdiag),
+                                         (self.gamma_log_diag, self.gamma_offdiag)):
+                    dg, _ = _diagonal_blocks(log_diag, blocks, b, self._chol_mask)
+                    diag.append(dg.view(p // b, b, d * b))
+                    slabs += list(blocks[p:].view(-1, d * b).split(_slab_rows(p, b)))
+                hit = (key, (torch.cat(diag, 0), slabs))
+            self._factor_cache["blocked"] = hit
+        return hit[1]
+
     # --- q(z|x) ---------------------------------------------------------------------------
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """b(x), c(x) (B, d) and psi^m(x), psi^s(x) (B, p)."""
@@ -613,7 +656,15 @@ class GPVAE(LatentVariableModel):
         m = torch.addmm(feats["b"], psi_m, self.mu.T)
         a = torch.addmm(feats["c"], psi_s, self.eta.T)
         kl_wu = None
-        if form == "chol":
+        needs_grad = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (psi_m, psi_s, self.sigma_offdiag, self.sigma_log_diag,
+                                      self.gamma_offdiag, self.gamma_log_diag))
+        if form == "chol" and not with_kl_wu and not needs_grad and psi_m.dim() == 2:
+            # inference: both forms at once, diagonal blocks cached (the same arithmetic)
+            diag_blocks, slabs = self._inference_operands()
+            qm, s2 = stacked_blocked_quadratic_forms(psi_m, psi_s, diag_blocks, slabs,
+                                                     self.chol_block)
+        elif form == "chol":
             qm, tr_sigma = _quadratic_and_frobenius(psi_m, self.sigma_log_diag,
                                                     self.sigma_offdiag, self.chol_block,
                                                     self._chol_mask, with_kl_wu)
@@ -721,15 +772,10 @@ class _FusedMarginalEncoder(nn.Module):
         n = p // b
         self.n_slabs = n - 1
         with torch.no_grad():
-            diag_blocks, slabs = [], []
-            for log_diag, blocks in ((model.sigma_log_diag, model.sigma_offdiag),
-                                     (model.gamma_log_diag, model.gamma_offdiag)):
-                dg, _ = _diagonal_blocks(log_diag, blocks.detach().clone(), b, model._chol_mask)
-                diag_blocks.append(dg.reshape(n, b, d * b))
-                slabs += [s.clone() for s in blocks[p:].reshape(-1, d * b).split(_slab_rows(p, b))]
-            self.register_buffer("diag_blocks", torch.cat(diag_blocks, 0).contiguous())
-            for k, slab in enumerate(slabs):  # sigma's n - 1 slabs, then gamma's
-                self.register_buffer(f"slab{k}", slab.contiguous())
+            diag_blocks, slabs = model._inference_operands()
+            self.register_buffer("diag_blocks", diag_blocks.clone())
+            for k, slab in enumerate(slabs):  # L's n - 1 slabs, then M's
+                self.register_buffer(f"slab{k}", slab.contiguous().clone())
             self.register_buffer("mu_t", model.mu.detach().T.contiguous().clone())
             self.register_buffer("eta_t", model.eta.detach().T.contiguous().clone())
 
@@ -738,12 +784,7 @@ class _FusedMarginalEncoder(nn.Module):
         psi_m, psi_s = self.psi_m(x), self.psi_s(x)
         m = torch.addmm(b, psi_m, self.mu_t)
         a = torch.addmm(c, psi_s, self.eta_t)
-        d, p, blk = self.latent_dim, self.feature_dim, self.block
-        rows, n = x.shape[0], p // blk
-        feats = torch.cat([psi_m, psi_s], 1)  # (B, 2p): 2n column blocks
-        proj = torch.bmm(feats.view(rows, 2 * n, blk).transpose(0, 1), self.diag_blocks)
-        for k in range(self.n_slabs):  # in place, as in the training form
-            proj[k].addmm_(psi_m[:, (k + 1) * blk:], getattr(self, f"slab{k}"))
-            proj[n + k].addmm_(psi_s[:, (k + 1) * blk:], getattr(self, f"slab{self.n_slabs + k}"))
-        quad = torch.linalg.vector_norm(proj.view(2 * n, rows, d, blk), dim=-1).square().sum(0)
-        return m, a.square() + quad
+        slabs = [getattr(self, f"slab{k}") for k in range(2 * self.n_slabs)]
+        qm, s2 = stacked_blocked_quadratic_forms(psi_m, psi_s, self.diag_blocks, slabs,
+                                                 self.block)
+        return m, a.square() + qm + s2
