@@ -191,8 +191,16 @@ def test_model_forms_agree_and_packed_cache_tracks_parameters():
         model.sigma_log_diag.add_(0.5)  # in-place update, as an optimizer step does
         _, v3 = model.marginal_moments(x, form="chol")
         _, v4 = model.marginal_moments(x, form="packed")
+        model.gamma_offdiag.mul_(1.5)  # the cached diagonal blocks come from here too
+        _, v6 = model.marginal_moments(x, form="chol")
     assert not torch.allclose(v1, v3)
+    assert not torch.allclose(v3, v6)
     torch.testing.assert_close(v3, v4, rtol=1e-10, atol=0)
+    # the no-grad "chol" path (both forms in one product, cached operands) equals the
+    # training path (the custom autograd function on the stored blocks)
+    m7, v7 = model.marginal_moments(x, form="chol")
+    assert v7.requires_grad
+    torch.testing.assert_close(v7.detach(), v6, rtol=1e-12, atol=0)
     # with gradients the packed form is differentiable (no stale cache)
     _, v5 = model.marginal_moments(x, form="packed")
     v5.sum().backward()

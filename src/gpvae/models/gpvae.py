@@ -597,12 +597,19 @@ class GPVAE(LatentVariableModel):
 
         if torch.is_grad_enabled() and any(q.requires_grad for q in params):
             return build()
+        return self._cached(form, build)
+
+    def _cached(self, name: str, build):
+        """``build()`` under no_grad, cached until a q(W, U) factor parameter changes (keyed
+        on storage, in-place version, dtype and device of each)."""
+        params = (self.sigma_offdiag, self.sigma_log_diag, self.gamma_offdiag,
+                  self.gamma_log_diag)
         key = tuple((q.data_ptr(), q._version, q.dtype, q.device) for q in params)
-        hit = self._factor_cache.get(form)
+        hit = self._factor_cache.get(name)
         if hit is None or hit[0] != key:
             with torch.no_grad():
                 hit = (key, build())
-            self._factor_cache[form] = hit
+            self._factor_cache[name] = hit
         return hit[1]
 
     def _inference_operands(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -610,21 +617,17 @@ class GPVAE(LatentVariableModel):
         L_j and M_j, (2n, b, d b), and their 2(n - 1) slabs (views of the stored factors).
         Cached like :meth:`_factors` (only ever called without gradients)."""
         d, p, b = self.latent_dim, self.feature_dim, self.chol_block
-        params = (self.sigma_offdiag, self.sigma_log_diag, self.gamma_offdiag,
-                  self.gamma_log_diag)
-        key = tuple((q.data_ptr(), q._version, q.dtype, q.device) for q in params)
-        hit = self._factor_cache.get("blocked")
-        if hit is None or hit[0] != key:
-            with torch.no_grad():
-                diag, slabs = [], []
-                for log_diag, blocks in ((self.sigma_log_diag, self.sigma_offdiag),
-                                         (self.gamma_log_diag, self.gamma_offdiag)):
-                    dg, _ = _diagonal_blocks(log_diag, blocks, b, self._chol_mask)
-                    diag.append(dg.view(p // b, b, d * b))
-                    slabs += list(blocks[p:].view(-1, d * b).split(_slab_rows(p, b)))
-                hit = (key, (torch.cat(diag, 0), slabs))
-            self._factor_cache["blocked"] = hit
-        return hit[1]
+
+        def build():
+            diag, slabs = [], []
+            for log_diag, blocks in ((self.sigma_log_diag, self.sigma_offdiag),
+                                     (self.gamma_log_diag, self.gamma_offdiag)):
+                dg, _ = _diagonal_blocks(log_diag, blocks, b, self._chol_mask)
+                diag.append(dg.view(p // b, b, d * b))
+                slabs += list(blocks[p:].view(-1, d * b).split(_slab_rows(p, b)))
+            return torch.cat(diag, 0), slabs
+
+        return self._cached("blocked", build)
 
     # --- q(z|x) ---------------------------------------------------------------------------
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
