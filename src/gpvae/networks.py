@@ -64,7 +64,21 @@ def _leaky() -> nn.Module:
     return nn.LeakyReLU(0.01)
 
 
-class EncoderTrunk(nn.Module):
+class _ChannelsLast:
+    """``use_channels_last``: NHWC (the default, faster: the layout oneDNN's and cuDNN's fast
+    convolution kernels want) or NCHW for a module's (transposed) convolutions.  Only the
+    memory layout changes: the values, the state dict and the outputs are the same."""
+
+    channels_last = False
+
+    def use_channels_last(self, enabled: bool = True):
+        self.channels_last = enabled
+        # only 4-d tensors (the convolution weights) change layout
+        self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        return self
+
+
+class EncoderTrunk(_ChannelsLast, nn.Module):
     """Convolutions + the first FC layer of the encoder: x (B,C,H,W) -> features (B, h).
 
     Used as the VAE encoder's body and, unchanged, as the GPVAE's feature networks psi(x).
@@ -81,14 +95,6 @@ class EncoderTrunk(nn.Module):
         self.net = nn.Sequential(*layers)
         self.out_features = arch.hidden
         self.use_channels_last(True)
-
-    def use_channels_last(self, enabled: bool = True) -> "EncoderTrunk":
-        """Switch the convolutions between NHWC (default, faster) and NCHW.  Only the
-        memory layout changes: the values, the state dict and the outputs are the same."""
-        self.channels_last = enabled
-        fmt = torch.channels_last if enabled else torch.contiguous_format
-        self.net.to(memory_format=fmt)
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # NHWC: oneDNN's fast convolution kernels (see ConvDecoder.forward); the first,
@@ -117,7 +123,7 @@ class GaussianEncoder(nn.Module):
         return mean, nn.functional.softplus(pre_std) + self.min_std
 
 
-class ConvDecoder(nn.Module):
+class ConvDecoder(_ChannelsLast, nn.Module):
     """Tab. 6/7/8 decoder: z (..., d) -> image-shaped output (..., C, H, W).
 
     Any number of leading batch dimensions is accepted (they are flattened for the
@@ -145,13 +151,6 @@ class ConvDecoder(nn.Module):
         self.deconv = nn.Sequential(*layers)
         self.image_shape = arch.image_shape
         self.use_channels_last(True)
-
-    def use_channels_last(self, enabled: bool = True) -> "ConvDecoder":
-        """Switch the transposed convolutions between NHWC (default, faster) and NCHW."""
-        self.channels_last = enabled
-        fmt = torch.channels_last if enabled else torch.contiguous_format
-        self.deconv.to(memory_format=fmt)
-        return self
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         lead = z.shape[:-1]

@@ -53,12 +53,13 @@ autograd function that reads the stored blocks in place and writes their gradien
 place: no dense factor is built while training; the same pass gives the
 sum_j ||L_j||_F^2 of the global KL, whose gradient it adds to the same buffer).
 :func:`cholesky_quadratic_form` is the same form for dense factors (d, p, p), which
-:meth:`GPVAE.cholesky_factors` builds (for tests, inference set-up and export).  The symmetric
-packed form (:func:`symmetric_packed`, :func:`packed_quadratic_form`) with Sigma_j
-precomputed needs about as many multiply-adds as the blocked form but was slower in
-every measurement (``PACK_BLOCK``); ``marginal_moments(x, form="packed")`` uses it, with
-Sigma_j cached until a q(W, U) parameter changes.  :meth:`GPVAE.fused_encoder` snapshots x -> (m, v) as a
-standalone module with all x-independent operands precomputed (used by
+:meth:`GPVAE.cholesky_factors` builds (for tests and the packed form).  Without gradients
+both forms are computed together (:func:`stacked_blocked_quadratic_forms`, diagonal blocks
+cached until a q(W, U) parameter changes).  The symmetric packed form
+(:func:`symmetric_packed`, :func:`packed_quadratic_form`) with Sigma_j precomputed needs
+about as many multiply-adds but was slower in every measurement (``PACK_BLOCK``);
+``marginal_moments(x, form="packed")`` uses it.  :meth:`GPVAE.fused_encoder` snapshots
+x -> (m, v) as a standalone module with all x-independent operands precomputed (used by
 :mod:`gpvae.export`).
 
 Learning (Sec. 3.3)
@@ -243,6 +244,12 @@ def _slab_rows(p: int, block: int) -> list[int]:
     return [p - (k + 1) * block for k in range(p // block - 1)]
 
 
+def _slabs(blocks: torch.Tensor, p: int, block: int) -> tuple[torch.Tensor, ...]:
+    """The n - 1 sub-diagonal slabs of column-blocked storage (or of its gradient), each a
+    (p - (K + 1) b, d b) view."""
+    return blocks[p:].view(-1, blocks.shape[1] * block).split(_slab_rows(p, block))
+
+
 def strict_lower_mask(block: int, like: torch.Tensor) -> torch.Tensor:
     """1 below the diagonal of a b x b block, 0 on and above, shaped (1, b, 1, b) for the
     (n, b, d, b) diagonal blocks, with ``like``'s dtype and device.  The functions below
@@ -304,10 +311,8 @@ class _BlockedCholeskyQuadratic(torch.autograd.Function):
         dg, diag = _diagonal_blocks(log_diag, blocks, b, mask)
         proj = torch.bmm(x.view(rows, n, b).transpose(0, 1), dg.view(n, b, d * b))
         slab_part = blocks[p:].view(-1)
-        if n > 1:
-            slabs = blocks[p:].view(-1, d * b).split(_slab_rows(p, b))
-            for k, (out, slab) in enumerate(zip(proj.unbind(0), slabs)):
-                out.addmm_(x[:, (k + 1) * b:], slab)
+        for k, (out, slab) in enumerate(zip(proj.unbind(0), _slabs(blocks, p, b))):
+            out.addmm_(x[:, (k + 1) * b:], slab)
         # sum of squares over the b columns (a norm: one pass, no temporary), then over the
         # n blocks
         q = torch.linalg.vector_norm(proj.view(n, rows * d, b), dim=-1).square_().sum(0)
@@ -338,10 +343,8 @@ class _BlockedCholeskyQuadratic(torch.autograd.Function):
             else:
                 grad_psi = torch.bmm(g, dg.view(n, b, d * b).transpose(1, 2))  # (n, B, b)
                 grad_psi = grad_psi.transpose(0, 1).reshape(rows, p)
-                if n > 1:
-                    slabs = blocks[p:].view(-1, d * b).split(_slab_rows(p, b))
-                    for k, slab in enumerate(slabs):
-                        grad_psi[:, (k + 1) * b:].addmm_(gs[k], slab.t())
+                for k, slab in enumerate(_slabs(blocks, p, b)):
+                    grad_psi[:, (k + 1) * b:].addmm_(gs[k], slab.t())
                 grad_psi = grad_psi.view(*ctx.lead, p)
         if need_log_diag or need_blocks:
             if grad_q is None:
@@ -350,10 +353,8 @@ class _BlockedCholeskyQuadratic(torch.autograd.Function):
                 grad_blocks = torch.empty_like(blocks)
                 torch.bmm(x.view(rows, n, b).permute(1, 2, 0), g,
                           out=grad_blocks[:p].view(n, b, d * b))
-                if n > 1:
-                    grad_slabs = grad_blocks[p:].view(-1, d * b).split(_slab_rows(p, b))
-                    for k, out in enumerate(grad_slabs):
-                        torch.mm(x[:, (k + 1) * b:].t(), gs[k], out=out)
+                for k, out in enumerate(_slabs(grad_blocks, p, b)):
+                    torch.mm(x[:, (k + 1) * b:].t(), gs[k], out=out)
             grad_dg = grad_blocks[:p].view(n, b, d, b)
             # the diagonal entries' gradient, before f's term touches the (unused) stored
             # diagonal; L_jkk = exp(log_diag_jk)
@@ -439,7 +440,7 @@ def blocked_frobenius(log_diag: torch.Tensor, blocks: torch.Tensor, block: int,
 
 def blocked_to_dense(log_diag: torch.Tensor, blocks: torch.Tensor, block: int) -> torch.Tensor:
     """The lower-triangular factors L (d, p, p) of column-blocked storage (differentiable;
-    a loop over the n column blocks -- for tests, inference set-up and export)."""
+    a loop over the n column blocks -- for tests and the packed form)."""
     _check_blocked(log_diag, blocks, block)
     blocks = blocks.contiguous()
     d, p = log_diag.shape
@@ -526,7 +527,7 @@ class GPVAE(LatentVariableModel):
         self.gamma_log_diag = nn.Parameter(torch.full((d, p), log_std))
         self.register_buffer("_chol_mask", strict_lower_mask(self.chol_block, self.mu),
                              persistent=False)
-        self._factor_cache: dict = {}  # see _factors
+        self._factor_cache: dict = {}  # see _cached
 
     # --- q(W, U) --------------------------------------------------------------------------
     def _factor(self, offdiag: torch.Tensor, log_diag: torch.Tensor) -> torch.Tensor:
@@ -573,31 +574,20 @@ class GPVAE(LatentVariableModel):
                                                                         self.chol_block)[1]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _factors(self, form: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (Sigma, Gamma) operands of the quadratic forms: dense Cholesky factors (form
-        "chol", :meth:`cholesky_factors`) or :func:`symmetric_packed` (form "packed").
-        :meth:`moments` needs them only for "packed" (its "chol" form reads the stored
-        blocks in place).
-
-        When no gradient is needed (``torch.no_grad()``, evaluation) they are cached and
-        rebuilt only when a factor parameter changes (keyed on storage, in-place version,
-        dtype and device, so optimizer steps, ``load_state_dict`` and ``.to()`` invalidate
-        it); with gradients they are rebuilt on every call.
-        """
-        params = (self.sigma_offdiag, self.sigma_log_diag, self.gamma_offdiag,
-                  self.gamma_log_diag)
-
+    def _packed_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The :func:`symmetric_packed` Sigma_j, Gamma_j of the "packed" form (the "chol"
+        form reads the stored blocks in place).  Without gradients they are cached
+        (:meth:`_cached`); with gradients rebuilt on every call."""
         def build():
-            chol_sigma, chol_gamma = self.cholesky_factors()
-            if form == "chol":
-                return chol_sigma, chol_gamma
             # (d, P b^2) views of (P b^2, d)-contiguous tensors: packed_quadratic_form's
             # product then reads its right operand contiguous (~15% faster at d = 50)
-            return tuple(symmetric_packed(c).T.contiguous().T for c in (chol_sigma, chol_gamma))
+            return tuple(symmetric_packed(c).T.contiguous().T for c in self.cholesky_factors())
 
+        params = (self.sigma_offdiag, self.sigma_log_diag, self.gamma_offdiag,
+                  self.gamma_log_diag)
         if torch.is_grad_enabled() and any(q.requires_grad for q in params):
             return build()
-        return self._cached(form, build)
+        return self._cached("packed", build)
 
     def _cached(self, name: str, build):
         """``build()`` under no_grad, cached until a q(W, U) factor parameter changes (keyed
@@ -615,7 +605,7 @@ class GPVAE(LatentVariableModel):
     def _inference_operands(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The operands of :func:`stacked_blocked_quadratic_forms`: the diagonal blocks of
         L_j and M_j, (2n, b, d b), and their 2(n - 1) slabs (views of the stored factors).
-        Cached like :meth:`_factors` (only ever called without gradients)."""
+        Cached (:meth:`_cached`; only ever called without gradients)."""
         d, p, b = self.latent_dim, self.feature_dim, self.chol_block
 
         def build():
@@ -624,7 +614,7 @@ class GPVAE(LatentVariableModel):
                                      (self.gamma_log_diag, self.gamma_offdiag)):
                 dg, _ = _diagonal_blocks(log_diag, blocks, b, self._chol_mask)
                 diag.append(dg.view(p // b, b, d * b))
-                slabs += list(blocks[p:].view(-1, d * b).split(_slab_rows(p, b)))
+                slabs += _slabs(blocks, p, b)
             return torch.cat(diag, 0), slabs
 
         return self._cached("blocked", build)
@@ -643,9 +633,11 @@ class GPVAE(LatentVariableModel):
           the random standard deviation h_j(x) = c_j + u_j^T psi^s under q(U);
         * ``qm`` = psi^m^T Sigma_j psi^m: the variance of f_j(x) under q(W).
 
-        ``form``: "chol" (:func:`blocked_cholesky_quadratic_form` on the stored factor
-        blocks, for training) or "packed" (:func:`packed_quadratic_form` with cached
-        Sigma_j, for inference).
+        ``form``: "chol" (the stored factor blocks read in place:
+        :func:`blocked_cholesky_quadratic_form` with gradients,
+        :func:`stacked_blocked_quadratic_forms` with cached diagonal blocks without) or
+        "packed" (:func:`packed_quadratic_form` with Sigma_j precomputed; slower, kept for
+        comparison).
         """
         return self._moments(x, form)[0]
 
@@ -662,7 +654,7 @@ class GPVAE(LatentVariableModel):
         needs_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (psi_m, psi_s, self.sigma_offdiag, self.sigma_log_diag,
                                       self.gamma_offdiag, self.gamma_log_diag))
-        if form == "chol" and not with_kl_wu and not needs_grad and psi_m.dim() == 2:
+        if form == "chol" and not with_kl_wu and not needs_grad:
             # inference: both forms at once, diagonal blocks cached (the same arithmetic)
             diag_blocks, slabs = self._inference_operands()
             qm, s2 = stacked_blocked_quadratic_forms(psi_m, psi_s, diag_blocks, slabs,
@@ -680,7 +672,7 @@ class GPVAE(LatentVariableModel):
                          + self._kl_from_parameters(self.eta, self.gamma_offdiag,
                                                     self.gamma_log_diag, tr_gamma))
         else:
-            sigma, gamma = self._factors(form)
+            sigma, gamma = self._packed_factors()
             qm, s2 = packed_quadratic_form(psi_m, sigma), packed_quadratic_form(psi_s, gamma)
         if with_kl_wu and kl_wu is None:
             kl_wu = self.kl_wu()
@@ -771,9 +763,7 @@ class _FusedMarginalEncoder(nn.Module):
         self.encoder = copy.deepcopy(model.encoder)
         self.psi_m = copy.deepcopy(model.psi_m)
         self.psi_s = copy.deepcopy(model.psi_s)
-        d, p, b = self.latent_dim, self.feature_dim, self.block
-        n = p // b
-        self.n_slabs = n - 1
+        self.n_slabs = self.feature_dim // self.block - 1
         with torch.no_grad():
             diag_blocks, slabs = model._inference_operands()
             self.register_buffer("diag_blocks", diag_blocks.clone())
