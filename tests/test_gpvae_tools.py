@@ -145,3 +145,23 @@ def test_bench_train_and_quadratic_json():
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout)["rows"][0]
     assert {"chol_ms", "blocked_ms", "packed_b8_ms", "packed_b16_ms"} <= set(row)
+
+
+def test_bench_profile_prints_where_the_time_goes_and_refuses_json():
+    r = _cli("bench-train", "--models", "gpvae", "--latent-dim", "4", "--steps", "1",
+             "--repeats", "1", "--device", "cpu", "--profile")
+    assert r.returncode == 0, r.stderr
+    assert "gpvae: where the time goes" in r.stdout and "Self CPU" in r.stdout
+    r = _cli("bench-inference", "--profile", "--json")
+    assert r.returncode == 2 and "--profile" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_layout_script_runs():
+    """scripts/bench_layout.py produces the layout table quoted in docs/benchmarks.md."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root / "src"))
+    r = subprocess.run([sys.executable, str(root / "scripts" / "bench_layout.py")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "NCHW: encoder trunk" in r.stdout and "NHWC: encoder trunk" in r.stdout

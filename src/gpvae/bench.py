@@ -132,6 +132,23 @@ def _train_floor_flops(model) -> int:
                                                        torch.zeros(1, model.latent_dim))
 
 
+def _print_profile(runs: dict, device, rows: int = 12) -> None:
+    """Run each model's timed work once more under torch.profiler and print its operators
+    by self time (the share of each is of that model's total)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    for name, run in runs.items():
+        with profile(activities=activities) as prof:
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"\n{name}: where the time goes (torch.profiler, one timed round)")
+        print(prof.key_averages().table(sort_by=sort, row_limit=rows))
+
+
 def _test_batches(dataset: str, data_dir, batch_size: int, limit: int | None, device):
     from .data import load_splits
 
@@ -202,6 +219,8 @@ def bench_inference(args) -> dict:
         for name, r in results.items():
             print(f"{name:<10} {r['ms_per_batch']:>9.2f} {r['ratio_to_vae']:>13.2f} "
                   f"{r['flop_ratio_to_vae']:>17.2f}")
+        if args.profile:
+            _print_profile(passes, device)
     return out
 
 
@@ -256,6 +275,8 @@ def bench_train(args) -> dict:
         for name, r in results.items():
             print(f"{name:<10} {r['ms_per_step']:>9.2f} {r['ratio_to_vae']:>13.2f} "
                   f"{r['flop_ratio_to_vae']:>17.2f}")
+        if args.profile:
+            _print_profile(runs, device)
     return out
 
 

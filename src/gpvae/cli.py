@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--repeats", type=positive_int, default=5)
         p.add_argument("--device", default="auto")
         p.add_argument("--json", action="store_true")
+        p.add_argument("--profile", action="store_true",
+                       help="after timing, run each model once more under torch.profiler and "
+                       "print where its time goes (operators by self time); not with --json")
         if cmd == "bench-inference":
             p.add_argument("--limit-test", type=positive_int, help="default: the whole test set")
         else:
@@ -386,6 +389,8 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "profile", False) and args.json:
+        parser.error("--profile prints tables: it cannot be combined with --json")
     try:
         return COMMANDS[args.command](args)
     except GpvaeError as exc:

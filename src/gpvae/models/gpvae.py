@@ -221,7 +221,8 @@ def packed_quadratic_form(psi: torch.Tensor, packed: torch.Tensor,
 # --------------------------------------------------------------------------------------
 CHOL_BLOCK = 32  # column block b of the stored factors (see chol_block_size)
 # Smaller b saves multiply-adds ((n + 1) / (2 n) of the dense form's) but runs more,
-# smaller products.  Measured on 2 CPU cores, batch 128, d = 50: one quadratic form forward
+# smaller products.  One-off measurements on 2 CPU cores (`gpvae bench-train` times the whole
+# step for the current b), batch 128, d = 50: one quadratic form forward
 # + backward at p = 256 took 12.6 / 11.9 / 12.7 ms for b = 16 / 32 / 64 (the dense
 # (B, p) @ (p, d p) form with index_put-built factors: 29.5 ms); a whole training step
 # (MNIST, p = 256) 85 / 79 / 87 ms, and (CIFAR-10 shape, p = 512) 164 / 165 / 170 ms.
