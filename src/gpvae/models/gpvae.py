@@ -54,8 +54,7 @@ place: no dense factor is built while training; the same pass gives the
 sum_j ||L_j||_F^2 of the global KL, whose gradient it adds to the same buffer).
 :func:`cholesky_quadratic_form` is the same form for dense factors (d, p, p), which
 :meth:`GPVAE.cholesky_factors` builds (for tests and the packed form).  Without gradients
-both forms are computed together (:func:`stacked_blocked_quadratic_forms`, diagonal blocks
-cached until a q(W, U) parameter changes).  The symmetric packed form
+both forms are computed together (:func:`stacked_blocked_quadratic_forms`).  The symmetric packed form
 (:func:`symmetric_packed`, :func:`packed_quadratic_form`) with Sigma_j precomputed needs
 about as many multiply-adds but was slower in every measurement (``PACK_BLOCK``);
 ``marginal_moments(x, form="packed")`` uses it.  :meth:`GPVAE.fused_encoder` snapshots
@@ -528,7 +527,6 @@ class GPVAE(LatentVariableModel):
         self.gamma_log_diag = nn.Parameter(torch.full((d, p), log_std))
         self.register_buffer("_chol_mask", strict_lower_mask(self.chol_block, self.mu),
                              persistent=False)
-        self._factor_cache: dict = {}  # see _cached
 
     # --- q(W, U) --------------------------------------------------------------------------
     def _factor(self, offdiag: torch.Tensor, log_diag: torch.Tensor) -> torch.Tensor:
@@ -577,48 +575,29 @@ class GPVAE(LatentVariableModel):
 
     def _packed_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The :func:`symmetric_packed` Sigma_j, Gamma_j of the "packed" form (the "chol"
-        form reads the stored blocks in place).  Without gradients they are cached
-        (:meth:`_cached`); with gradients rebuilt on every call."""
-        def build():
-            # (d, P b^2) views of (P b^2, d)-contiguous tensors: packed_quadratic_form's
-            # product then reads its right operand contiguous (~15% faster at d = 50)
-            return tuple(symmetric_packed(c).T.contiguous().T for c in self.cholesky_factors())
-
-        params = (self.sigma_offdiag, self.sigma_log_diag, self.gamma_offdiag,
-                  self.gamma_log_diag)
-        if torch.is_grad_enabled() and any(q.requires_grad for q in params):
-            return build()
-        return self._cached("packed", build)
-
-    def _cached(self, name: str, build):
-        """``build()`` under no_grad, cached until a q(W, U) factor parameter changes (keyed
-        on storage, in-place version, dtype and device of each)."""
-        params = (self.sigma_offdiag, self.sigma_log_diag, self.gamma_offdiag,
-                  self.gamma_log_diag)
-        key = tuple((q.data_ptr(), q._version, q.dtype, q.device) for q in params)
-        hit = self._factor_cache.get(name)
-        if hit is None or hit[0] != key:
-            with torch.no_grad():
-                hit = (key, build())
-            self._factor_cache[name] = hit
-        return hit[1]
+        form reads the stored blocks in place), rebuilt on every call (d p^3 multiply-adds:
+        this form is kept for comparison, not for speed)."""
+        # (d, P b^2) views of (P b^2, d)-contiguous tensors: packed_quadratic_form's
+        # product then reads its right operand contiguous
+        return tuple(symmetric_packed(c).T.contiguous().T for c in self.cholesky_factors())
 
     def _inference_operands(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The operands of :func:`stacked_blocked_quadratic_forms`: the diagonal blocks of
         L_j and M_j, (2n, b, d b), and their 2(n - 1) slabs (views of the stored factors).
-        Cached (:meth:`_cached`; only ever called without gradients)."""
+
+        Built from the parameters on every call, never cached: building them is
+        element-wise work on 2 p d b numbers, small next to the (B, p) @ (p, d b) products
+        of one q(z|x), and a cache keyed on parameter versions goes stale silently under optimizers that write parameters without
+        bumping their version counters (the fused Adam of :func:`gpvae.training.make_adam`
+        does exactly that)."""
         d, p, b = self.latent_dim, self.feature_dim, self.chol_block
-
-        def build():
-            diag, slabs = [], []
-            for log_diag, blocks in ((self.sigma_log_diag, self.sigma_offdiag),
-                                     (self.gamma_log_diag, self.gamma_offdiag)):
-                dg, _ = _diagonal_blocks(log_diag, blocks, b, self._chol_mask)
-                diag.append(dg.view(p // b, b, d * b))
-                slabs += _slabs(blocks, p, b)
-            return torch.cat(diag, 0), slabs
-
-        return self._cached("blocked", build)
+        diag, slabs = [], []
+        for log_diag, blocks in ((self.sigma_log_diag, self.sigma_offdiag),
+                                 (self.gamma_log_diag, self.gamma_offdiag)):
+            dg, _ = _diagonal_blocks(log_diag, blocks, b, self._chol_mask)
+            diag.append(dg.view(p // b, b, d * b))
+            slabs += _slabs(blocks, p, b)
+        return torch.cat(diag, 0), slabs
 
     # --- q(z|x) ---------------------------------------------------------------------------
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -636,7 +615,7 @@ class GPVAE(LatentVariableModel):
 
         ``form``: "chol" (the stored factor blocks read in place:
         :func:`blocked_cholesky_quadratic_form` with gradients,
-        :func:`stacked_blocked_quadratic_forms` with cached diagonal blocks without) or
+        :func:`stacked_blocked_quadratic_forms` without) or
         "packed" (:func:`packed_quadratic_form` with Sigma_j precomputed; slower, kept for
         comparison).
         """
@@ -656,7 +635,7 @@ class GPVAE(LatentVariableModel):
             t.requires_grad for t in (psi_m, psi_s, self.sigma_offdiag, self.sigma_log_diag,
                                       self.gamma_offdiag, self.gamma_log_diag))
         if form == "chol" and not with_kl_wu and not needs_grad:
-            # inference: both forms at once, diagonal blocks cached (the same arithmetic)
+            # inference: both forms in one product (the same arithmetic)
             diag_blocks, slabs = self._inference_operands()
             qm, s2 = stacked_blocked_quadratic_forms(psi_m, psi_s, diag_blocks, slabs,
                                                      self.chol_block)
