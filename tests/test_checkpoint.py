@@ -58,3 +58,15 @@ def test_mismatched_model_is_a_clear_error(tmp_path):
     save_checkpoint(tmp_path / "c.safetensors", build_model("vae", (1, 28, 28), latent_dim=4), {})
     with pytest.raises(CheckpointError, match="does not match"):
         load_checkpoint(tmp_path / "c.safetensors", build_model("vae", (1, 28, 28), latent_dim=5))
+
+
+def test_mismatch_message_names_the_tensors(tmp_path):
+    """The one-line message lists what differs, not just torch's header line."""
+    save_checkpoint(tmp_path / "c.safetensors", build_model("vae", (1, 28, 28), latent_dim=4), {})
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(tmp_path / "c.safetensors", build_model("vae", (1, 28, 28), latent_dim=5))
+    msg = str(exc.value)
+    assert "\n" not in msg and "size mismatch for decoder." in msg and "[256, 4]" in msg, msg
+    with pytest.raises(CheckpointError, match=r"Missing key\(s\).*psi_m"):
+        load_checkpoint(tmp_path / "c.safetensors", build_model("gpvae", (1, 28, 28),
+                                                                latent_dim=4))

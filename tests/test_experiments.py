@@ -1,27 +1,91 @@
-"""gpvae compare: per-seed runs, statistics against scipy, resumable."""
+"""gpvae compare: the split protocol, each run scored on its own test split, statistics
+against hand-computed t-tests, resumable."""
 import json
+import math
 
 import pytest
 from scipy import stats
 
-from gpvae.experiments import compare
+import gpvae.experiments as experiments
+from gpvae.data import load_splits
+from gpvae.experiments import compare, score_table
+from gpvae.training import read_config
 
 
-def test_compare_tiny_and_rerun_reuses_runs(tmp_path):
+def test_score_table_against_hand_computed_t_tests():
+    ref, other = [10.0, 12.0, 11.0, 13.0], [12.0, 15.0, 12.0, 16.0]
+    scores = {"vae": {s: {"test_iwae": v, "test_elbo": v - 5} for s, v in enumerate(ref)},
+              "gpvae": {s: {"test_iwae": v, "test_elbo": v - 4} for s, v in enumerate(other)}}
+    row = score_table(scores, ["vae", "gpvae"], [0, 1, 2, 3])["gpvae"]
+    n = 4
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    var = lambda v: sum((x - mean(v)) ** 2 for x in v) / (len(v) - 1)  # noqa: E731
+    # paired: the differences 2, 3, 1, 3
+    diffs = [o - r for o, r in zip(other, ref)]
+    se = math.sqrt(var(diffs) / n)
+    assert row["diff_to_vae"] == pytest.approx(2.25)
+    assert row["diff_se"] == pytest.approx(se) == pytest.approx(math.sqrt(2.75 / 3 / 4))
+    assert row["p_paired"] == pytest.approx(2 * stats.t.sf(2.25 / se, n - 1), rel=1e-9)
+    # Welch: unequal variances, Welch-Satterthwaite degrees of freedom
+    a, b = var(other) / n, var(ref) / n
+    t = (mean(other) - mean(ref)) / math.sqrt(a + b)
+    df = (a + b) ** 2 / (a ** 2 / (n - 1) + b ** 2 / (n - 1))
+    assert row["p_welch"] == pytest.approx(2 * stats.t.sf(t, df), rel=1e-9)
+    assert row["iwae_sd"] == pytest.approx(math.sqrt(var(other)))
+    assert row["elbo_mean"] == pytest.approx(mean(other) - 4)
+
+
+def test_compare_follows_the_split_protocol_and_reuses_runs(tmp_path):
     kw = dict(out=tmp_path / "cmp", epochs=1, latent_dim=2, limit_train=200, limit_test=20,
               iwae_samples=3, device="cpu", progress=False, log=lambda m: None)
     res = compare(["vae", "gpvae"], [0, 1], **kw)
-    table = res["models"]
     for name in ("vae", "gpvae"):
-        assert len(table[name]["iwae_per_seed"]) == 2
-    vae, gp = table["vae"]["iwae_per_seed"], table["gpvae"]["iwae_per_seed"]
-    assert table["gpvae"]["p_welch"] == pytest.approx(
-        stats.ttest_ind(gp, vae, equal_var=False).pvalue)
-    assert table["gpvae"]["diff_to_vae"] == pytest.approx(sum(g - v for g, v in zip(gp, vae)) / 2)
+        for seed in (0, 1):
+            cfg = read_config(tmp_path / "cmp" / name / f"seed{seed}")
+            # seed s: initialization s and split s, shared by every model
+            assert (cfg.model, cfg.seed, cfg.split_seed, cfg.epochs) == (name, seed, seed, 1)
+            assert res["runs"][name][seed]["n"] == 20
     saved = json.loads((tmp_path / "cmp" / "results.json").read_text())
-    assert saved["models"]["gpvae"]["iwae_per_seed"] == gp
-    assert "| gpvae |" in (tmp_path / "cmp" / "results.md").read_text()
+    assert saved["models"]["gpvae"]["iwae_per_seed"] == res["models"]["gpvae"]["iwae_per_seed"]
     logs = []
     again = compare(["vae", "gpvae"], [0, 1], **{**kw, "log": logs.append})
-    assert not any("training" in m for m in logs)  # finished runs are reused, not retrained
-    assert again["models"]["gpvae"]["iwae_per_seed"] == gp
+    assert not any("training" in m or "resuming" in m for m in logs)  # reused, not retrained
+    assert again["models"] == res["models"]
+
+
+def test_compare_on_celeba_scores_each_run_on_its_own_test_split(tmp_path, monkeypatch):
+    """CelebA has no test partition: each split seed cuts its own.  A run must be scored on
+    test images disjoint from its own training and validation images."""
+    from test_data import celeba_ids, celeba_jpeg
+
+    images = tmp_path / "img_align_celeba"
+    images.mkdir()
+    for i in range(30):
+        celeba_jpeg(images / f"{i + 1:06d}.jpg", i)
+    scored = {}
+    real = experiments.estimate
+
+    def spy(model, data, **kwargs):
+        scored[kwargs["seed"]] = celeba_ids(data)
+        return real(model, data, **kwargs)
+
+    monkeypatch.setattr(experiments, "estimate", spy)
+    compare(["vae"], [0, 1, 2], out=tmp_path / "cmp", dataset="celeba", data_dir=str(tmp_path),
+            epochs=1, latent_dim=2, iwae_samples=2, device="cpu", progress=False,
+            log=lambda m: None)
+    assert sorted(scored) == [0, 1, 2]
+    for seed, test_ids in scored.items():
+        own = load_splits("celeba", tmp_path, split_seed=seed)
+        assert test_ids == celeba_ids(own.test) and len(test_ids) == 3
+        assert not set(test_ids) & set(celeba_ids(own.train) + celeba_ids(own.valid)), seed
+    assert scored[0] != scored[1]  # the seeds really cut different test splits
+
+
+def test_compare_refuses_runs_trained_longer_than_asked(tmp_path):
+    from gpvae.errors import ConfigError
+
+    kw = dict(out=tmp_path / "cmp", latent_dim=2, limit_train=100, limit_test=10,
+              iwae_samples=2, device="cpu", progress=False, log=lambda m: None)
+    compare(["vae"], [0], epochs=2, **kw)
+    with pytest.raises(ConfigError, match="already trained 2 epochs"):
+        compare(["vae"], [0], epochs=1, **kw)

@@ -101,7 +101,7 @@ def test_bad_values_rejected_before_work(tmp_path, field, value):
 
 def test_gpvae_resume_equals_uninterrupted_run(tmp_path):
     """The GPVAE through the real trainer: stopping after epoch 1 and resuming to 2 ends with
-    exactly the weights of a straight 2-epoch run.  This goes through the checkpointed
+    exactly the weights and metrics.csv of a straight 2-epoch run.  This goes through the checkpointed
     fused-Adam moments of channels-last convolution weights, which make_adam's load hook
     must lay out like their parameters (else the fused kernel silently misreads them)."""
     def cfg(out, epochs):
@@ -118,6 +118,14 @@ def test_gpvae_resume_equals_uninterrupted_run(tmp_path):
     assert any(k.endswith("sigma_offdiag") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+    # and it logs the same metrics: the straight run's epoch-2 validation follows its
+    # epoch-1 validation in the same model object (a stale inference cache showed there)
+    def metrics(run):
+        lines = (tmp_path / run / "metrics.csv").read_text().splitlines()
+        return [ln.rsplit(",", 1)[0] for ln in lines]  # all but the seconds column
+
+    assert metrics("full") == metrics("split") and len(metrics("full")) == 3
 
 
 def test_make_adam_state_round_trip_and_mismatch():
@@ -160,3 +168,180 @@ def test_make_adam_state_round_trip_and_mismatch():
     bad["state"][0]["exp_avg"] = torch.zeros(2, 2)
     with pytest.raises(CheckpointError, match="does not match"):
         make_adam(net().parameters(), 1e-2).load_state_dict(bad)
+
+
+# --- issue 7: validation uses fresh q(W, U) factors; selection uses validation data ----------
+def _quiet(cfg, **kw):
+    return train(cfg, progress=False, log=lambda *_: None, **kw)
+
+
+def _tiny(out, **kw):
+    return TrainConfig(out=str(out), **{"model_options": {"latent_dim": 2}, "epochs": 1,
+                                        "limit_train": 100, "batch_size": 50, "device": "cpu",
+                                        **kw})
+
+
+def test_gpvae_inference_follows_the_training_optimizer():
+    """q(z|x) without gradients (what validation and evaluation use) after steps of the
+    optimizer training really uses equals a fresh model's with the same weights.  The fused
+    Adam writes parameters without bumping their version counters, so a cache keyed on
+    versions served stale factors here."""
+    from gpvae.models import build_model
+    from gpvae.training import make_adam
+
+    torch.manual_seed(0)
+    model = build_model("gpvae", (1, 28, 28), latent_dim=3, gp_init_std=0.3)
+    opt = make_adam(model.parameters(), 0.05)
+    assert opt.param_groups[0]["fused"]
+    x = torch.rand(16, 1, 28, 28)
+    for _ in range(3):
+        with torch.inference_mode():
+            before = model.posterior(x).variance
+        opt.zero_grad()
+        (-model.training_objective(x, 100)[0].mean()).backward()
+        opt.step()
+        fresh = build_model("gpvae", (1, 28, 28), latent_dim=3, gp_init_std=0.3)
+        fresh.load_state_dict(model.state_dict())
+        with torch.inference_mode():
+            after, expected = model.posterior(x).variance, fresh.posterior(x).variance
+        assert not torch.equal(before, after)
+        torch.testing.assert_close(after, expected, rtol=0, atol=0)
+
+
+class _ScriptedValidation:
+    """Stands in for gpvae.training.estimate: records the images validated on and returns
+    scripted validation ELBOs, epoch by epoch."""
+
+    def __init__(self, elbos):
+        self.elbos, self.seen = list(elbos), []
+
+    def __call__(self, model, data, **kwargs):
+        self.seen.append(data.batch(slice(None)))
+        value = self.elbos[len(self.seen) - 1]
+
+        class _E:
+            def summary(self):
+                return {"test_elbo": value}
+
+        return _E()
+
+
+def test_selection_validates_on_the_validation_split_and_keeps_the_best_epoch(tmp_path,
+                                                                              monkeypatch):
+    import gpvae.training as training
+    from gpvae.data import load_splits
+
+    cfg = _tiny(tmp_path / "run", epochs=3, split_seed=4, limit_test=50)
+    scripted = _ScriptedValidation([-50.0, -10.0, -30.0])
+    monkeypatch.setattr(training, "estimate", scripted)
+    summary = _quiet(cfg)
+    splits = load_splits("mnist", split_seed=4, limit_train=100, limit_test=50)
+    valid = splits.valid.batch(slice(None))
+    assert len(scripted.seen) == 3
+    for seen in scripted.seen:
+        assert torch.equal(seen, valid)
+    assert summary["best_epoch"] == 2 and summary["best_valid_elbo"] == -10.0
+    best, _, meta = read_checkpoint(tmp_path / "run" / "best.safetensors")
+    assert meta["epoch"] == 2
+    # the best checkpoint holds the weights after epoch 2: those of a 2-epoch run
+    monkeypatch.setattr(training, "estimate", _ScriptedValidation([-50.0, -10.0]))
+    _quiet(_tiny(tmp_path / "two", epochs=2, split_seed=4, limit_test=50))
+    two, _, _ = read_checkpoint(tmp_path / "two" / "last.safetensors")
+    assert best.keys() == two.keys()
+    for k in best:
+        assert torch.equal(best[k], two[k]), k
+
+
+# --- non-finite gradients: stop before a NaN reaches a checkpoint ------------------------------
+class _NanGradients(VAE):
+    """A VAE whose loss stays finite but whose gradients turn NaN at training step ``at``."""
+
+    calls, at = 0, 3
+
+    def training_objective(self, x, n_train):
+        type(self).calls += 1
+        obj, diag = super().training_objective(x, n_train)
+        if type(self).calls == type(self).at:
+            w = next(self.decoder.parameters())
+            obj = obj + 0.0 * torch.sqrt(w.sum() * 0.0)  # value 0, gradient 0 * inf = NaN
+        return obj, diag
+
+
+@pytest.mark.parametrize("at,epoch,named", [(2, 1, False), (3, 2, True)])
+def test_nan_gradients_stop_before_any_nan_checkpoint(tmp_path, monkeypatch, at, epoch, named):
+    monkeypatch.setitem(MODELS, "nangrad", _NanGradients)
+    monkeypatch.setattr(_NanGradients, "calls", 0)
+    monkeypatch.setattr(_NanGradients, "at", at)
+    out = tmp_path / "r"
+    cfg = _tiny(out, model="nangrad", epochs=3, limit_train=200, batch_size=100)
+    with pytest.raises(TrainingDivergedError) as exc:
+        _quiet(cfg)
+    msg = str(exc.value)
+    assert "gradient became non-finite" in msg and f"epoch {epoch}, step {2 - at % 2}" in msg
+    if named:
+        assert f"last good checkpoint is {out / 'last.safetensors'} (epoch 1)" in msg
+        weights, _, meta = read_checkpoint(out / "last.safetensors")
+        assert meta["epoch"] == 1
+        assert all(torch.isfinite(v).all() for v in weights.values())
+    else:
+        assert "no checkpoint was written" in msg and "last.safetensors" not in msg
+        assert not (out / "last.safetensors").exists()
+
+
+def test_a_nan_checkpoint_is_never_written(tmp_path):
+    from gpvae.checkpoint import save_checkpoint
+    from gpvae.errors import CheckpointError
+    from gpvae.models import build_model
+
+    model = build_model("vae", (1, 28, 28), latent_dim=2)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(CheckpointError, match="NaN/inf"):
+        save_checkpoint(tmp_path / "c.safetensors", model, {})
+    assert os.listdir(tmp_path) == []
+
+
+# --- resume with fewer epochs; tiny data sets ----------------------------------------------
+def test_resume_to_fewer_epochs_is_refused_and_changes_nothing(tmp_path):
+    out = tmp_path / "r"
+    _quiet(_tiny(out, epochs=2))
+    config = (out / "config.json").read_bytes()
+    last = (out / "last.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="already trained 2 epochs"):
+        _quiet(_tiny(out, epochs=1), resume=True)
+    logs = []
+    summary = train(_tiny(out, epochs=2), resume=True, progress=False, log=logs.append)
+    assert "nothing to do" in logs[-1] and summary["best_epoch"] in (1, 2)
+    assert (out / "config.json").read_bytes() == config
+    assert (out / "last.safetensors").read_bytes() == last
+
+
+def test_resume_of_a_run_killed_in_its_first_epoch_starts_it(tmp_path):
+    out = tmp_path / "r"
+    _quiet(_tiny(out))
+    for name in ("last.safetensors", "best.safetensors", "metrics.csv"):
+        (out / name).unlink()  # as a kill during epoch 1 leaves it: config.json only
+    with pytest.raises(ConfigError, match="already holds a run"):
+        _quiet(_tiny(out))
+    _quiet(_tiny(out), resume=True)
+    assert read_checkpoint(out / "last.safetensors")[2]["epoch"] == 1
+
+
+def test_a_data_set_too_small_for_a_validation_split_is_refused_up_front(tmp_path):
+    import gzip
+
+    import numpy as np
+
+    from gpvae.errors import DataError
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, n in (("train-images-idx3-ubyte.gz", 4), ("t10k-images-idx3-ubyte.gz", 3)):
+        header = np.array([0x803, n, 28, 28], dtype=">u4").tobytes()
+        pixels = np.random.default_rng(0).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        with gzip.open(data / name, "wb") as f:
+            f.write(header + pixels.tobytes())
+    out = tmp_path / "r"
+    with pytest.raises(DataError, match="4 training and 0 validation images"):
+        _quiet(_tiny(out, data_dir=str(data), limit_train=None))
+    assert not out.exists()

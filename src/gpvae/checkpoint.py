@@ -11,9 +11,12 @@ new checkpoint, never a torn one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
-import tempfile
+import re
+import secrets
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -21,28 +24,107 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, OutputError, describe, one_line
 
 _META_KEY = "gpvae"
 
 
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[0-9a-f]{16}\.tmp(\.[A-Za-z0-9]+)?$")
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable (a no-op where directories cannot be
+    opened, e.g. on Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems do not support fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
-    """Yield a temporary path next to ``path``; on success fsync it and rename it over
-    ``path`` (atomic on POSIX), on failure remove it.  Readers see the old or the new file."""
+    """Yield a temporary path next to ``path``; on success fsync it, rename it over
+    ``path`` (atomic on POSIX) and fsync the directory, on failure remove it.  Readers see
+    the old or the new file, never a torn one.
+
+    The temporary file ``.NAME.<16 hex digits>.tmp`` is created with mode 0666 minus the
+    umask, like any file the user creates, and keeps that mode even if the writer replaced
+    it with a file of its own (safetensors writes 0600), so outputs are as readable as the
+    user's other files.  An OSError (a full disk, a read-only file system, a directory where the file
+    should go) becomes a one-line :class:`~gpvae.errors.OutputError`; the old file, if
+    any, is left unchanged.  A kill can still leave the temporary file behind:
+    :func:`remove_orphan_temps` removes those.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
     try:
-        yield tmp
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}{suffix}"
+            try:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0666 minus the umask
+                break
+            except FileExistsError:  # pragma: no cover - 64 random bits
+                continue
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {describe(exc)}") from None
+    try:
+        yield str(tmp)
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:  # a writer that made its own file
+            os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+        _fsync_directory(path.parent)
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            kept = "the previous file is unchanged" if path.exists() else "nothing was written"
+            raise OutputError(f"could not write {path}: {describe(exc)} ({kept})") from None
         raise
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> Path:
+    """Check, before any work, that ``path`` can be written as a file by :func:`atomic_path`:
+    not a directory, and its nearest existing ancestor a writable directory.  Raises a
+    one-line :class:`~gpvae.errors.OutputError` naming ``flag`` otherwise."""
+    path = Path(path)
+    if not os.fspath(path).strip():
+        raise OutputError(f"{flag} must name a file, got {os.fspath(path)!r}")
+    if path.is_dir():
+        raise OutputError(f"{flag} {path} is a directory; name a file")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{flag} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{flag} {path}: cannot write in {parent} (permission denied or a "
+                          "read-only file system)")
+    return path
+
+
+def remove_orphan_temps(directory: str | os.PathLike, names) -> list[str]:
+    """Remove the temporary files that a killed :func:`atomic_path` left in ``directory``
+    for the targets ``names``; return what was removed.  Call it only while no other
+    process can be writing those targets (e.g. under the run directory's lock)."""
+    removed = []
+    names = set(names)
+    for entry in os.scandir(directory):
+        m = _TEMP_NAME.match(entry.name)
+        if m and m.group("target") in names and entry.is_file(follow_symlinks=False):
+            os.unlink(entry.path)
+            removed.append(entry.name)
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -78,14 +160,23 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(path, model: torch.nn.Module, meta: dict, optimizer=None) -> None:
-    """Save model (and optimizer) tensors plus a JSON-able ``meta`` dict, atomically."""
+    """Save model (and optimizer) tensors plus a JSON-able ``meta`` dict, atomically.
+    A model with a NaN/inf weight is refused (:class:`~gpvae.errors.CheckpointError`): a
+    checkpoint on disk is always one that can be resumed from or evaluated."""
     tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"refusing to write {path}: {bad[0][len('model/'):]} holds NaN/inf"
+                              + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""))
     meta = dict(meta)
     if optimizer is not None:
         opt_tensors, meta["optimizer"] = _flatten_optimizer(optimizer.state_dict())
         tensors.update(opt_tensors)
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={_META_KEY: json.dumps(meta)})
+        try:
+            save_file(tensors, tmp, metadata={_META_KEY: json.dumps(meta)})
+        except SafetensorError as exc:  # e.g. "I/O error: No space left on device"
+            raise OSError(errno.EIO, one_line(exc)) from None
 
 
 def read_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
@@ -110,14 +201,24 @@ def read_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tens
     return model, optim, meta
 
 
+def _load_error_detail(exc: RuntimeError, limit: int = 3, width: int = 160) -> str:
+    """The problems listed in a load_state_dict error (missing / unexpected keys, size
+    mismatches), on one line, the first ``limit`` of them, each cut to ``width`` chars."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines()]
+    problems = [ln for ln in lines[1:] if ln] or lines[:1]
+    cut = [p if len(p) <= width else p[:width - 3] + "..." for p in problems[:limit]]
+    more = f" (+{len(problems) - limit} more)" if len(problems) > limit else ""
+    return one_line("; ".join(cut) + more)
+
+
 def load_checkpoint(path, model: torch.nn.Module, optimizer=None) -> dict:
     """Load tensors into ``model`` (and ``optimizer``); return the metadata."""
     model_state, optim_tensors, meta = read_checkpoint(path)
     try:
         model.load_state_dict(model_state)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"{path} does not match this model: {first}") from None
+        raise CheckpointError(f"{path} does not match this {type(model).__name__} (written with "
+                              f"other model options?): {_load_error_detail(exc)}") from None
     if optimizer is not None:
         if "optimizer" not in meta:
             raise CheckpointError(f"{path} holds no optimizer state; cannot resume from it")

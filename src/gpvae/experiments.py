@@ -2,8 +2,10 @@
 
 ``gpvae compare`` trains every (model, seed) pair with the same budget -- seed s sets both
 the initialization and the train/validation split (the paper uses a different random split
-per run) -- evaluates IWAE-K on the same test images, and reports mean ± sd over seeds, the
-paired difference to the first model with its standard error, and two-sided t-tests (Welch,
+per run) -- evaluates IWAE-K on the test images of each run's own split (the data set's
+test partition; for CelebA, which has none, the test images cut from that seed's
+permutation, so no run is ever scored on images it trained or validated on), and reports
+mean ± sd over seeds, the paired difference to the first model with its standard error, and two-sided t-tests (Welch,
 as the paper's tables, and paired, since each seed shares its split across models).
 
 Runs live in ``OUT/MODEL/seedS`` and are resumed or skipped when already finished, so a
@@ -18,12 +20,14 @@ from pathlib import Path
 
 from .checkpoint import atomic_write_text, read_checkpoint
 from .evaluation import estimate
-from .training import LAST, TrainConfig, load_run, resolve_device, train
+from .rundir import CONFIG_FILE, LAST
+from .training import TrainConfig, load_run, resolve_device, run_test_split, train
 
 
 def _finished(run_dir: Path, epochs: int) -> bool:
+    """Whether the run has trained exactly ``epochs`` epochs (more is refused by ``train``)."""
     try:
-        return read_checkpoint(run_dir / LAST)[2]["epoch"] >= epochs
+        return read_checkpoint(run_dir / LAST)[2]["epoch"] == epochs
     except Exception:
         return False
 
@@ -31,14 +35,10 @@ def _finished(run_dir: Path, epochs: int) -> bool:
 def compare(models, seeds, *, out, dataset="mnist", data_dir=None, epochs=20, latent_dim=10,
             limit_train=None, limit_test=None, iwae_samples=100, device="auto",
             model_options=None, progress=True, log=print) -> dict:
-    from scipy import stats
-
-    from .data import load_splits
-
     device = resolve_device(device)
     out = Path(out)
     model_options = model_options or {}
-    test = load_splits(dataset, data_dir, limit_train=1, limit_test=limit_test).test
+    tests: dict[int, object] = {}  # split seed -> that split's test images
     scores: dict[str, dict[int, dict]] = {}
     for name in models:
         for seed in seeds:
@@ -49,15 +49,35 @@ def compare(models, seeds, *, out, dataset="mnist", data_dir=None, epochs=20, la
                               epochs=epochs, seed=seed, split_seed=seed, limit_train=limit_train,
                               limit_test=limit_test, device=str(device))
             if not _finished(run_dir, epochs):
-                resume = (run_dir / LAST).exists()
+                resume = (run_dir / CONFIG_FILE).is_file()
                 log(f"[compare] {'resuming' if resume else 'training'} {name} seed {seed}")
                 train(cfg, resume=resume, progress=progress)
-            model, _ = load_run(run_dir, "best", device)
-            est = estimate(model, test, samples=iwae_samples, device=device, seed=seed,
+            model, run_cfg = load_run(run_dir, "best", device)
+            if seed not in tests:  # every run is scored on its own split's test images
+                tests[seed] = run_test_split(run_cfg, data_dir, limit_test)
+            est = estimate(model, tests[seed], samples=iwae_samples, device=device, seed=seed,
                            progress=progress).summary()
             scores.setdefault(name, {})[seed] = est
             log(f"[compare] {name} seed {seed}: IWAE-{iwae_samples} {est['test_iwae']:.2f} "
                 f"± {est['test_iwae_se']:.2f}")
+    table = score_table(scores, models, seeds)
+    result = {"dataset": dataset, "latent_dim": latent_dim, "epochs": epochs,
+              "limit_train": limit_train, "test_images": len(next(iter(tests.values()))),
+              "iwae_samples": iwae_samples,
+              "seeds": list(seeds), "models": table, "runs": scores}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "results.md", markdown_table(result))
+    return result
+
+
+def score_table(scores: dict, models, seeds) -> dict:
+    """Per model: IWAE and ELBO mean ± sd over seeds; against the first model (the
+    reference), the mean paired difference with its standard error and two-sided p-values
+    of Welch's and of the paired t-test.  ``scores[model][seed]`` holds ``test_iwae`` and
+    ``test_elbo``."""
+    from scipy import stats
+
     ref = models[0]
     table = {}
     for name in models:
@@ -74,13 +94,7 @@ def compare(models, seeds, *, out, dataset="mnist", data_dir=None, epochs=20, la
                 row["p_welch"] = float(stats.ttest_ind(vals, refs, equal_var=False).pvalue)
                 row["p_paired"] = float(stats.ttest_rel(vals, refs).pvalue)
         table[name] = row
-    result = {"dataset": dataset, "latent_dim": latent_dim, "epochs": epochs,
-              "limit_train": limit_train, "test_images": len(test), "iwae_samples": iwae_samples,
-              "seeds": list(seeds), "models": table, "runs": scores}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "results.json", json.dumps(result, indent=2) + "\n")
-    atomic_write_text(out / "results.md", markdown_table(result))
-    return result
+    return table
 
 
 def _sd(v):

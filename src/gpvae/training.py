@@ -25,15 +25,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from .errors import CheckpointError, ConfigError, TrainingDivergedError
+from .checkpoint import (atomic_write_text, load_checkpoint, read_checkpoint,
+                         remove_orphan_temps, save_checkpoint)
+from .errors import CheckpointError, ConfigError, DataError, TrainingDivergedError
 from .evaluation import estimate
 from .progress import progress_bar
-
-CONFIG_FILE = "config.json"
-LAST = "last.safetensors"
-BEST = "best.safetensors"
-METRICS = "metrics.csv"
+from .rundir import (BEST, CONFIG_FILE, LAST, METRICS, RUN_FILES, check_out_path,
+                     locked_run_dir, require_empty)
 METRIC_FIELDS = ["epoch", "train_objective", "train_rec", "train_kl", "valid_elbo", "seconds"]
 
 
@@ -104,6 +102,7 @@ class TrainConfig:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
 
+        check_out_path(self.out)
         positive("epochs", self.epochs)
         positive("batch_size", self.batch_size)
         positive("valid_samples", self.valid_samples)
@@ -151,14 +150,28 @@ def _tensorboard(out: Path):
 
 
 def read_config(run_dir) -> TrainConfig:
+    """The :class:`TrainConfig` of a run directory; a missing, unreadable or invalid
+    ``config.json`` is a one-line :class:`~gpvae.errors.CheckpointError`."""
+    from .data import DATASETS
+
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a gpvae run directory (no {CONFIG_FILE}); "
                               "create one with `gpvae train --out DIR`")
     try:
-        return TrainConfig(**json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise CheckpointError(f"{path} is corrupt ({type(exc).__name__})") from None
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(raw, dict):
+            raise TypeError("not a JSON object")
+        cfg = TrainConfig(**raw)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
+        raise CheckpointError(f"{path} is not a gpvae run configuration "
+                              f"({type(exc).__name__})") from None
+    if cfg.dataset not in DATASETS:
+        raise CheckpointError(f"{path} names an unknown data set {cfg.dataset!r} "
+                              f"(known: {', '.join(DATASETS)})")
+    if not isinstance(cfg.model_options, dict):
+        raise CheckpointError(f"{path}: model_options is not a JSON object")
+    return cfg
 
 
 def build_from_config(cfg: TrainConfig, image_shape):
@@ -167,54 +180,112 @@ def build_from_config(cfg: TrainConfig, image_shape):
     return build_model(cfg.model, image_shape, **cfg.model_options)
 
 
+def _finite_parameters(model) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _diverged(what: str, where: str, out: Path, epoch: int) -> TrainingDivergedError:
+    """The error for a non-finite loss/gradient/weight, naming the last good checkpoint only
+    if one was written."""
+    if (out / LAST).is_file():
+        kept = f"the last good checkpoint is {out / LAST} (epoch {epoch})"
+    else:
+        kept = "no checkpoint was written (it happened before the first epoch finished)"
+    return TrainingDivergedError(f"{what} at {where}; {kept} (try a smaller --lr or another "
+                                 "--seed)")
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print) -> dict:
-    """Train (or resume) a run; return the final summary (best epoch and its valid ELBO)."""
-    from .data import load_splits
+    """Train (or resume) a run; return the final summary (best epoch and its valid ELBO).
+
+    Everything that can be checked is checked before the first step: the options, the
+    model, the run directory (new or empty; or, with ``resume``, a run with the same
+    settings and no more finished epochs than ``cfg.epochs``), its write lock, and the
+    data (at least one training and one validation image).  Model selection uses the
+    validation split only: ``best.safetensors`` is the epoch with the highest validation
+    ELBO.  A non-finite loss, gradient or weight stops training before anything
+    non-finite is saved.  ``resume`` on a run killed before its first epoch finished
+    starts it from the beginning.
+    """
+    from .data import IMAGE_SHAPES, load_splits
 
     cfg.validate()
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
-    if resume:
-        saved = read_config(out)
-        mutable = {"epochs", "device", "out", "data_dir"}
-        fixed = {k: v for k, v in asdict(cfg).items() if k not in mutable}
-        differ = sorted(k for k, v in asdict(saved).items() if k not in mutable and fixed.get(k) != v)
-        if differ:
-            raise ConfigError(f"--resume: {', '.join(differ)} differ from the run in {out} "
-                              "(only --epochs, --device and --data-dir may change when resuming)")
-        if not (out / LAST).is_file():
-            raise CheckpointError(f"--resume: {out / LAST} not found (nothing to resume)")
-    elif (out / LAST).exists():
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it "
-                          "or choose another --out")
-
-    # Build (and validate) the model before loading data so bad options fail fast.
-    from .data import IMAGE_SHAPES
-
     if cfg.dataset not in IMAGE_SHAPES:
-        from .errors import DataError
-
         raise DataError(f"unknown data set {cfg.dataset!r}; choose from {', '.join(IMAGE_SHAPES)}")
+    # Build (and validate) the model and load the data before touching the disk: bad
+    # options and data fail before a directory is created.
     torch.manual_seed(cfg.seed)
     model = build_from_config(cfg, IMAGE_SHAPES[cfg.dataset]).to(device)
     splits = load_splits(cfg.dataset, cfg.data_dir, split_seed=cfg.split_seed,
                          limit_train=cfg.limit_train, limit_test=cfg.limit_test)
-    optimizer = make_adam(model.parameters(), cfg.lr)
+    if len(splits.train) < 1 or len(splits.valid) < 1:
+        raise DataError(f"{cfg.dataset}: {len(splits.train)} training and {len(splits.valid)} "
+                        "validation images; training needs at least one of each (a training "
+                        "partition of at least 5 images, of which 10% are held out for "
+                        "validation)")
 
-    history: list[dict] = []
-    best = {"epoch": 0, "valid_elbo": -math.inf}
-    start_epoch = 0
+    # refuse a directory that is not ours before creating even the lock file in it
+    # (and check again under the lock)
     if resume:
-        meta = load_checkpoint(out / LAST, model, optimizer)
-        history, best, start_epoch = meta["history"], meta["best"], meta["epoch"]
-        log(f"resuming {out} after epoch {start_epoch}")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / CONFIG_FILE, json.dumps(asdict(cfg), indent=2) + "\n")
+        read_config(out)
+    elif out.is_dir():
+        require_empty(out)
+    with locked_run_dir(out, create=not resume):
+        done = 0
+        if resume:
+            saved = read_config(out)
+            mutable = {"epochs", "device", "out", "data_dir"}
+            fixed = {k: v for k, v in asdict(cfg).items() if k not in mutable}
+            differ = sorted(k for k, v in asdict(saved).items()
+                            if k not in mutable and fixed.get(k) != v)
+            if differ:
+                raise ConfigError(f"--resume: {', '.join(differ)} differ from the run in {out} "
+                                  "(only --epochs, --device and --data-dir may change when "
+                                  "resuming)")
+            last_meta = read_checkpoint(out / LAST)[2] if (out / LAST).is_file() else {}
+            done = int(last_meta.get("epoch", 0))
+            if cfg.epochs < done:
+                raise ConfigError(f"--resume --epochs {cfg.epochs}: the run in {out} has already "
+                                  f"trained {done} epochs; pass --epochs {done} or more (nothing "
+                                  "was changed)")
+            if cfg.epochs == done:
+                log(f"{out} has already trained {done} epochs: nothing to do")
+                return _summary(out, last_meta, cfg.epochs)
+        else:
+            require_empty(out)
+        remove_orphan_temps(out, RUN_FILES)
+        optimizer = make_adam(model.parameters(), cfg.lr)
+        history: list[dict] = []
+        best = {"epoch": 0, "valid_elbo": -math.inf}
+        if done:
+            meta = load_checkpoint(out / LAST, model, optimizer)
+            history, best = meta["history"], meta["best"]
+            log(f"resuming {out} after epoch {done}")
+        elif resume:
+            log(f"resuming {out}: no epoch had finished, starting from the first")
+        atomic_write_text(out / CONFIG_FILE, json.dumps(asdict(cfg), indent=2) + "\n")
+        _train_epochs(cfg, model, optimizer, splits, device, out, done, history, best,
+                      progress)
+        return _summary(out, {"history": history, "best": best}, cfg.epochs)
 
+
+def _summary(out: Path, meta: dict, epochs: int) -> dict:
+    history, best = meta["history"], meta["best"]
+    return {"run_dir": str(out), "epochs": epochs, "best_epoch": best["epoch"],
+            "best_valid_elbo": best["valid_elbo"],
+            "last_valid_elbo": history[-1]["valid_elbo"] if history else None}
+
+
+def _train_epochs(cfg, model, optimizer, splits, device, out: Path, start_epoch: int,
+                  history: list, best: dict, progress: bool) -> None:
+    """Epochs ``start_epoch + 1 .. cfg.epochs``: updates ``history`` and ``best`` in place and
+    checkpoints after every epoch."""
     train_data = splits.train.to(device) if device.type == "cuda" else splits.train
     n_train = len(train_data)
     steps = math.ceil(n_train / cfg.batch_size)
+    params = [p for p in model.parameters() if p.requires_grad]
     writer = _tensorboard(out)
     bar = progress_bar((cfg.epochs - start_epoch) * steps, unit="step", enabled=progress)
     for epoch in range(start_epoch, cfg.epochs):
@@ -228,22 +299,30 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
             x = model.likelihood.prepare(train_data.batch(idx, device))
             objective, diag = model.training_objective(x, n_train)
             loss = -objective.mean()
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError(
-                    f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                    f"of {steps}; the last good checkpoint is {out / LAST}"
-                    " (try a smaller --lr or another --seed)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            # one device-to-host sync checks the loss and every gradient
+            grad_norm = torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]))
+            checks = torch.stack([loss.detach(), grad_norm.to(loss.dtype)]).tolist()
+            if not all(math.isfinite(v) for v in checks):
+                what = (f"the training loss became {checks[0]}" if not math.isfinite(checks[0])
+                        else f"a gradient became non-finite (norm {checks[1]})")
+                raise _diverged(what, f"epoch {epoch + 1}, step {step + 1} of {steps}", out,
+                                epoch)
             optimizer.step()
             w = x.shape[0] / n_train
-            sums["train_objective"] += w * -loss.item()
+            sums["train_objective"] += w * -checks[0]
             sums["train_rec"] += w * float(diag.get("rec", float("nan")))
             sums["train_kl"] += w * float(diag.get("kl", float("nan")))
             bar.update(1)
             bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
+        if not _finite_parameters(model):
+            raise _diverged("the weights became non-finite", f"epoch {epoch + 1}", out, epoch)
         valid = estimate(model, splits.valid, samples=cfg.valid_samples, batch_size=500,
                          device=device, seed=cfg.seed, progress=False).summary()["test_elbo"]
+        if math.isnan(valid):
+            raise _diverged("the validation ELBO became NaN", f"epoch {epoch + 1}", out, epoch)
         row = {"epoch": epoch + 1, **sums, "valid_elbo": valid,
                "seconds": time.perf_counter() - t0}
         history.append(row)
@@ -253,7 +332,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
                 if k != "epoch":
                     writer.add_scalar(k, v, epoch + 1)
         if valid > best["valid_elbo"]:
-            best = {"epoch": epoch + 1, "valid_elbo": valid}
+            best.update(epoch=epoch + 1, valid_elbo=valid)
             save_checkpoint(out / BEST, model, {"epoch": epoch + 1, "config": asdict(cfg),
                                                 "best": best})
         save_checkpoint(out / LAST, model, {"epoch": epoch + 1, "config": asdict(cfg),
@@ -262,9 +341,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     bar.close()
     if writer is not None:
         writer.close()
-    return {"run_dir": str(out), "epochs": cfg.epochs, "best_epoch": best["epoch"],
-            "best_valid_elbo": best["valid_elbo"],
-            "last_valid_elbo": history[-1]["valid_elbo"] if history else None}
 
 
 def load_run(run_dir, which: str = "best", device="cpu"):
@@ -278,3 +354,14 @@ def load_run(run_dir, which: str = "best", device="cpu"):
         raise ConfigError(f"--checkpoint must be 'best' or 'last', got {which!r}")
     load_checkpoint(Path(run_dir) / name, model)
     return model.to(device).eval(), cfg
+
+
+def run_test_split(cfg: TrainConfig, data_dir=None, limit_test: int | None = None):
+    """The test images of a run: its data set's test partition, cut from the run's own
+    ``split_seed`` where the data set has none (CelebA), so it never overlaps the run's
+    training or validation images."""
+    from .data import load_splits
+
+    return load_splits(cfg.dataset, data_dir or cfg.data_dir, split_seed=cfg.split_seed,
+                       limit_train=1, limit_test=limit_test).test
+

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Sequence
 
 import torch
 
-from gpvae.errors import DataError
+from gpvae.errors import DataError, describe, one_line
 
 __all__ = [
     "ImageData",
@@ -36,23 +35,8 @@ __all__ = [
     "search_dirs",
 ]
 
-_MAX_DETAIL = 300
-
 
 # --------------------------------------------------------------------------- errors
-
-
-def one_line(text: object) -> str:
-    """``str(text)`` with every line break (and the blanks around it) turned into one space."""
-    return re.sub(r"\s*[\r\n]+\s*", " ", str(text)).strip()
-
-
-def describe(exc: BaseException) -> str:
-    """A short one-line description of an exception, e.g. ``"ValueError: bad header"``."""
-    msg = one_line(exc)
-    if len(msg) > _MAX_DETAIL:
-        msg = msg[: _MAX_DETAIL - 3] + "..."
-    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 
 def fail(label: str, message: str) -> DataError:

