@@ -13,6 +13,7 @@ inference method is scored by the same code.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -61,6 +62,15 @@ def log_weights(model, x: torch.Tensor, samples: int, max_batch_samples: int = 5
     return torch.cat(out, 0)
 
 
+def model_device_dtype(model, default_device="cpu") -> tuple[torch.device, torch.dtype | None]:
+    """The device and dtype of a model's tensors (its first parameter, or buffer): what its
+    inputs must be cast to; ``default_device`` and no cast for a model with no tensors."""
+    ref = next(itertools.chain(model.parameters(), model.buffers()), None)
+    if ref is None:
+        return torch.device(default_device), None
+    return ref.device, ref.dtype
+
+
 def estimate(
     model,
     data,
@@ -75,6 +85,9 @@ def estimate(
     """IWAE_K and ELBO for every image of ``data`` (an :class:`~gpvae.data.ImageData`).
 
     Binary likelihoods score a fixed binarization of the images (seeded by ``seed``).
+    Each batch is cast to the dtype and device of the model's tensors (its first parameter,
+    or buffer), so a model converted with ``.double()`` is scored on the same images;
+    ``device`` is used only by a model that holds no tensors.
     """
     if samples < 1:
         raise ConfigError(f"--iwae-samples must be >= 1, got {samples}")
@@ -82,7 +95,7 @@ def estimate(
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     from .progress import progress_bar
 
-    device = torch.device(device)
+    device, dtype = model_device_dtype(model, device)
     was_training = model.training
     model.eval()
     n = len(data)
@@ -96,7 +109,8 @@ def estimate(
             bar = progress_bar(n, desc=desc, unit="img", enabled=progress)
             for lo in range(0, n, batch_size):
                 hi = min(n, lo + batch_size)
-                x = model.likelihood.prepare(data.batch(slice(lo, hi)), binarize).to(device)
+                x = model.likelihood.prepare(data.batch(slice(lo, hi)), binarize)
+                x = x.to(device, dtype)
                 lw = log_weights(model, x, samples, max_batch_samples).double()
                 iwae[lo:hi] = (torch.logsumexp(lw, 0) - math.log(samples)).cpu()
                 elbo[lo:hi] = lw.mean(0).cpu()

@@ -19,6 +19,7 @@ import torch
 
 from .checkpoint import atomic_write_text
 from .errors import ConfigError
+from .evaluation import model_device_dtype
 from .progress import progress_bar
 
 
@@ -32,7 +33,7 @@ def instance_uncertainty(model, data, batch_size: int = 256, device="cpu",
     bar = progress_bar(len(data), desc="uncertainty", unit="img", enabled=progress)
     with torch.inference_mode():
         for lo in range(0, len(data), batch_size):
-            x = data.batch(slice(lo, lo + batch_size), device)
+            x = data.batch(slice(lo, lo + batch_size)).to(*model_device_dtype(model, device))
             u = model.uncertainty(x)
             for k in out:
                 out[k].append(u[k].double().cpu())
@@ -87,21 +88,23 @@ def rows_to_csv(rows: list[dict]) -> str:
 
 
 def run_uncertainty(args) -> dict:
-    from .data import load_splits
-    from .training import load_run, read_config, resolve_device
+    from .training import load_run, read_config, resolve_device, run_test_split
+
+    from .checkpoint import check_output_file
 
     device = resolve_device(args.device)
     read_config(args.run_dir)
+    csv_path = check_output_file(args.csv or Path(args.run_dir) / "uncertainty.csv", "--csv")
+    if args.png:
+        check_output_file(args.png, "--png")
     model, cfg = load_run(args.run_dir, args.checkpoint, device)
     if not hasattr(model, "uncertainty"):
         raise ConfigError(f"{args.run_dir} holds a {cfg.model!r} model; uncertainty needs a "
                           "GPVAE run (train with --model gpvae)")
-    test = load_splits(cfg.dataset, args.data_dir or cfg.data_dir, split_seed=cfg.split_seed,
-                       limit_train=1, limit_test=args.limit_test).test
+    test = run_test_split(cfg, args.data_dir, args.limit_test)
     rows, summary, u = uncertainty_report(model, test, device=device,
                                           gap_samples=args.gap_samples, seed=args.seed,
                                           progress=not args.no_progress)
-    csv_path = Path(args.csv or Path(args.run_dir) / "uncertainty.csv")
     atomic_write_text(csv_path, rows_to_csv(rows))
     summary["csv"] = str(csv_path)
     if args.png:
