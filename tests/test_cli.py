@@ -77,16 +77,94 @@ def test_evaluate_a_directory_that_is_not_a_run(tmp_path):
 
 
 def test_train_then_evaluate_json(tmp_path):
+    """`evaluate --json` reports exactly what the Python API computes for the run's best
+    checkpoint on its test split with the same K and seed (not just numbers that look like
+    bounds)."""
+    from gpvae.evaluation import estimate
+    from gpvae.training import load_run, run_test_split
+
     out = tmp_path / "vae"
-    r = run("train", "--dataset", "mnist", "--model", "vae", "--latent-dim", "4", "--epochs", "1",
+    r = run("train", "--dataset", "mnist", "--model", "vae", "--latent-dim", "4", "--epochs", "2",
             "--limit-train", "500", "--seed", "0", "--out", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr
     assert (out / "best.safetensors").exists() and (out / "metrics.csv").exists()
-    r = run("evaluate", str(out), "--iwae-samples", "5", "--limit-test", "20", "--json",
-            "--no-progress")
+    for which in ("best", "last"):
+        r = run("evaluate", str(out), "--iwae-samples", "5", "--limit-test", "20", "--json",
+                "--no-progress", "--seed", "3", "--checkpoint", which, "--device", "cpu")
+        assert r.returncode == 0, r.stderr
+        result = json.loads(r.stdout)
+        model, cfg = load_run(out, which)
+        expected = estimate(model, run_test_split(cfg, limit_test=20), samples=5, seed=3,
+                            progress=False).summary()
+        assert result["n"] == 20 and result["iwae_samples"] == 5
+        for key in ("test_iwae", "test_elbo", "test_iwae_se", "test_elbo_se"):
+            assert result[key] == pytest.approx(expected[key], rel=1e-12, abs=1e-12), key
+
+
+@pytest.fixture(scope="module")
+def gp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "gp"
+    r = run("train", "--model", "gpvae", "--latent-dim", "2", "--epochs", "1", "--limit-train",
+            "100", "--out", str(out), "--no-progress", "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout)
-    assert result["n"] == 20 and result["iwae_samples"] == 5
-    assert result["test_iwae"] >= result["test_elbo"]
-    for key in ("test_iwae_se", "test_elbo_se"):
-        assert result[key] > 0
+    return out
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["uncertainty", "{run}", "--png", "{dir}"], ["--png", "is a directory"]),
+    (["uncertainty", "{run}", "--csv", "{dir}"], ["--csv", "is a directory"]),
+    (["export", "{run}", "--out", "{dir}"], ["--out", "is a directory"]),
+    (["export", "{run}", "--out", "{file}/enc.pt2"], ["--out", "not a directory"]),
+])
+def test_output_paths_are_checked_before_the_work(gp_run, tmp_path, argv, needles):
+    (tmp_path / "f").write_text("x")
+    argv = [a.format(run=gp_run, dir=tmp_path, file=tmp_path / "f") for a in argv]
+    r = run(*argv, "--no-progress" if argv[0] == "uncertainty" else "--checkpoint=best")
+    one_line_error(r, *needles)
+    assert not (gp_run / "uncertainty.csv").exists()  # stopped before computing anything
+
+
+def test_mnist_data_dir_typo_is_an_error(tmp_path):
+    r = run("train", "--dataset", "mnist", "--data-dir", str(tmp_path / "typo"), "--out",
+            str(tmp_path / "r"), "--no-progress")
+    one_line_error(r, "MNIST", str(tmp_path / "typo"), "does not exist")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b'{"dataset": "imagenet", "model": "vae"}', "unknown data set 'imagenet'"),
+    (b'{"dataset": "mnist", "model": "vae", "out": "\xff\xfe"}', "UnicodeDecodeError"),
+    (b"[1, 2]", "not a gpvae run configuration"),
+    (b'{"dataset": "mnist", "colour": "blue"}', "not a gpvae run configuration"),
+])
+def test_a_bad_config_json_is_a_one_line_error(tmp_path, content, needle):
+    (tmp_path / "config.json").write_bytes(content)
+    one_line_error(run("evaluate", str(tmp_path), "--no-progress"), needle)
+
+
+def test_disk_full_during_a_checkpoint_write_is_one_line_and_loses_nothing(tmp_path):
+    """A file-size limit makes the checkpoint write fail as a full disk does (EFBIG vs
+    ENOSPC: the same failed write(2)); the previous checkpoint must survive intact."""
+    import resource
+    import signal
+
+    out = tmp_path / "r"
+    args = ("--latent-dim", "2", "--limit-train", "100", "--no-progress", "--device", "cpu")
+    assert run("train", "--out", str(out), "--epochs", "1", *args).returncode == 0
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    r = subprocess.run([sys.executable, "-m", "gpvae", "train", "--out", str(out), "--resume",
+                        "--epochs", "2", *args], env=env, capture_output=True, text=True,
+                       timeout=300, preexec_fn=small_files)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    log, error = r.stderr.strip().splitlines()  # "resuming ... after epoch 1", then the error
+    assert log.startswith("resuming") and error.startswith("gpvae train: error: could not write")
+    assert "safetensors" in error and "previous file is unchanged" in error
+    assert sorted(os.listdir(out)) == sorted(before)  # no temporary file left behind
+    for name in ("last.safetensors", "best.safetensors", "metrics.csv"):
+        assert (out / name).read_bytes() == before[name], name
