@@ -132,12 +132,19 @@ def test_mnist_data_dir_typo_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("content,needle", [
-    (b'{"dataset": "imagenet", "model": "vae"}', "unknown data set 'imagenet'"),
+    ("imagenet", "unknown data set 'imagenet'"),  # a complete config.json, but this data set
     (b'{"dataset": "mnist", "model": "vae", "out": "\xff\xfe"}', "UnicodeDecodeError"),
     (b"[1, 2]", "not a gpvae run configuration"),
     (b'{"dataset": "mnist", "colour": "blue"}', "not a gpvae run configuration"),
+    (b'{"dataset": "mnist"}', "not a gpvae run configuration (TypeError: no batch_size"),
 ])
 def test_a_bad_config_json_is_a_one_line_error(tmp_path, content, needle):
+    if content == "imagenet":
+        from dataclasses import asdict
+
+        from gpvae.training import TrainConfig
+
+        content = json.dumps(asdict(TrainConfig(dataset="imagenet"))).encode()
     (tmp_path / "config.json").write_bytes(content)
     one_line_error(run("evaluate", str(tmp_path), "--no-progress"), needle)
 

@@ -82,19 +82,26 @@ def test_the_lock_is_held_while_training_writes(tmp_path, monkeypatch):
     assert "last.safetensors" in seen
 
 
-@pytest.mark.parametrize("name", ["config.json", "metrics.csv", "best.safetensors", "notes.txt"])
-def test_a_users_files_are_never_overwritten(tmp_path, name):
+@pytest.mark.parametrize("name,content", [
+    ("config.json", b"the user's own file\n"),
+    ("config.json", b"{}\n"),  # JSON, even one whose fields all have defaults, is not a run
+    ("config.json", b'{"dataset": "mnist", "epochs": 3}\n'),
+    ("metrics.csv", b"the user's own file\n"),
+    ("best.safetensors", b"the user's own file\n"),
+    ("notes.txt", b"the user's own file\n")])
+def test_a_users_files_are_never_overwritten(tmp_path, name, content):
     out = tmp_path / "mine"
     out.mkdir()
-    (out / name).write_bytes(b"the user's own file\n")
+    (out / name).write_bytes(content)
     with pytest.raises(ConfigError, match="not empty"):
         quiet(tiny(out))
-    assert (out / name).read_bytes() == b"the user's own file\n"
+    assert (out / name).read_bytes() == content
     assert sorted(os.listdir(out)) == [name]
     # --resume does not accept it either: it is not a gpvae run
     with pytest.raises(Exception, match="not a gpvae run"):
         quiet(tiny(out), resume=True)
-    assert (out / name).read_bytes() == b"the user's own file\n"
+    assert (out / name).read_bytes() == content
+    assert sorted(os.listdir(out)) == [name]
 
 
 def test_an_empty_directory_is_fine_and_a_finished_run_needs_resume(tmp_path):

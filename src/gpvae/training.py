@@ -20,14 +20,14 @@ import io
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from .checkpoint import (atomic_write_text, load_checkpoint, read_checkpoint,
                          remove_orphan_temps, save_checkpoint)
-from .errors import CheckpointError, ConfigError, DataError, TrainingDivergedError
+from .errors import CheckpointError, ConfigError, DataError, TrainingDivergedError, describe
 from .evaluation import estimate
 from .progress import progress_bar
 from .rundir import (BEST, CONFIG_FILE, LAST, METRICS, RUN_FILES, check_out_path,
@@ -162,10 +162,13 @@ def read_config(run_dir) -> TrainConfig:
         raw = json.loads(path.read_bytes().decode("utf-8"))
         if not isinstance(raw, dict):
             raise TypeError("not a JSON object")
+        missing = {f.name for f in fields(TrainConfig)} - raw.keys()
+        if missing:  # the trainer writes every field: this file is someone else's
+            raise TypeError(f"no {', '.join(sorted(missing))}")
         cfg = TrainConfig(**raw)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
         raise CheckpointError(f"{path} is not a gpvae run configuration "
-                              f"({type(exc).__name__})") from None
+                              f"({describe(exc)})") from None
     if cfg.dataset not in DATASETS:
         raise CheckpointError(f"{path} names an unknown data set {cfg.dataset!r} "
                               f"(known: {', '.join(DATASETS)})")
