@@ -5,8 +5,9 @@ the initialization and the train/validation split (the paper uses a different ra
 per run) -- evaluates IWAE-K on the test images of each run's own split (the data set's
 test partition; for CelebA, which has none, the test images cut from that seed's
 permutation, so no run is ever scored on images it trained or validated on), and reports
-mean ± sd over seeds, the paired difference to the first model with its standard error, and two-sided t-tests (Welch,
-as the paper's tables, and paired, since each seed shares its split across models).
+mean ± sd over seeds, the paired difference to the first model with its standard error,
+and two-sided t-tests (Welch, as the paper's tables, and paired, since each seed shares
+its split across models).
 
 Runs live in ``OUT/MODEL/seedS`` and are resumed or skipped when already finished, so a
 killed comparison continues where it stopped.  Results go to ``OUT/results.json`` and
