@@ -81,7 +81,7 @@ def test_train_then_evaluate_json(tmp_path):
     checkpoint on its test split with the same K and seed (not just numbers that look like
     bounds)."""
     from gpvae.evaluation import estimate
-    from gpvae.training import load_run, run_test_split
+    from gpvae.rundir import load_run, run_test_split
 
     out = tmp_path / "vae"
     r = run("train", "--dataset", "mnist", "--model", "vae", "--latent-dim", "4", "--epochs", "2",
@@ -142,7 +142,7 @@ def test_a_bad_config_json_is_a_one_line_error(tmp_path, content, needle):
     if content == "imagenet":
         from dataclasses import asdict
 
-        from gpvae.training import TrainConfig
+        from gpvae.rundir import TrainConfig
 
         content = json.dumps(asdict(TrainConfig(dataset="imagenet"))).encode()
     (tmp_path / "config.json").write_bytes(content)

@@ -19,6 +19,8 @@ D, d, SIGMA = 6, 3, 0.5
 class LinearGaussian(nn.Module):
     """Implements the inference interface; q is the exact posterior scaled by ``inflate``."""
 
+    posterior_needs_grad = False
+
     def __init__(self, inflate=1.0, shift=0.0):
         super().__init__()
         g = torch.Generator().manual_seed(1)

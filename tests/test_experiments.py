@@ -9,7 +9,7 @@ from scipy import stats
 import gpvae.experiments as experiments
 from gpvae.data import load_splits
 from gpvae.experiments import compare, score_table
-from gpvae.training import read_config
+from gpvae.rundir import read_config
 
 
 def test_score_table_against_hand_computed_t_tests():

@@ -15,9 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpvae.errors import ConfigError
 from gpvae.models import MODELS, build_model
-from gpvae.models.gpvae import (
-    GPVAE,
-    GPVAEConfig,
+from gpvae.cholesky import (
     _quadratic_and_frobenius,
     blocked_cholesky_quadratic_form,
     blocked_to_dense,
@@ -29,6 +27,7 @@ from gpvae.models.gpvae import (
     packed_quadratic_form,
     symmetric_packed,
 )
+from gpvae.models.gpvae import GPVAE, GPVAEConfig
 from gpvae.models.vae import VAE, VAEConfig
 
 MNIST = (1, 28, 28)
@@ -128,8 +127,8 @@ def test_averaged_kl_matches_monte_carlo(wu_samples):
 
 
 def test_mc_kl_expectation_agrees_with_exact(wu_samples):
-    """kl_expectation="mc" is an unbiased estimate of the closed form, and the config
-    switch (``kl_expectation``, ``kl_mc_samples``) selects it in the objective (15)."""
+    """gp_kl_expectation="mc" is an unbiased estimate of the closed form, and the config
+    switch (``gp_kl_expectation``, ``gp_kl_mc_samples``) selects it in the objective (15)."""
     model, mom, x = wu_samples["model"], wu_samples["mom"], wu_samples["x"]
     exact = model.averaged_kl(mom, method="exact")
     torch.manual_seed(7)
@@ -138,7 +137,7 @@ def test_mc_kl_expectation_agrees_with_exact(wu_samples):
     assert torch.all((est.mean(0) - exact).abs() <= 5 * se), (est.mean(0), exact, se)
     # the same q(W, U) configured for "mc" draws the config's sample count: under one seed
     # exactly the explicit call's numbers, under another seed different ones
-    mc_model = _model(d=3, kl_expectation="mc", kl_mc_samples=500).double()
+    mc_model = _model(d=3, gp_kl_expectation="mc", gp_kl_mc_samples=500).double()
     mc_model.load_state_dict(model.state_dict())
     with torch.no_grad():
         torch.manual_seed(1)
@@ -311,7 +310,7 @@ def test_uncertainty_matches_explicit_sum():
 def test_zero_gp_posterior_is_the_vae(dtype, kl_expectation):
     torch.manual_seed(0)
     vae = VAE(VAEConfig(latent_dim=5), MNIST).to(dtype)
-    gp = _model(d=5, seed=1, kl_expectation=kl_expectation).to(dtype)
+    gp = _model(d=5, seed=1, gp_kl_expectation=kl_expectation).to(dtype)
     # VAE weights (encoder + decoder) load by name; only the GP parts are missing
     missing, unexpected = gp.load_state_dict(vae.state_dict(), strict=False)
     assert not unexpected
@@ -395,7 +394,7 @@ def test_no_python_loop_over_latent_dimensions(d_small, d_large):
     (MNIST, 10, "exact"), (MNIST, 50, "exact"), (MNIST, 10, "mc"), (CIFAR, 10, "exact"),
     (CIFAR, 50, "mc")])
 def test_training_objective_finite_with_finite_gradients(shape, d, kl_expectation):
-    model = _model(d=d, shape=shape, kl_expectation=kl_expectation, kl_mc_samples=2)
+    model = _model(d=d, shape=shape, gp_kl_expectation=kl_expectation, gp_kl_mc_samples=2)
     x = _inputs(2, shape=shape, dtype=torch.float32)
     objective, diag = model.training_objective(x, 50_000)
     assert objective.shape == (2,) and torch.isfinite(objective).all()
@@ -507,7 +506,7 @@ def test_objective_gradient_matches_finite_difference(kl_expectation, which, h):
     """Directional derivative of the whole eq. (15) objective (sample fixed by the seed),
     along q(W,U)'s parameters, and along all parameters (a smaller step: the ReLU kinks of
     the networks make larger central differences inexact)."""
-    model = _model(d=4, kl_expectation=kl_expectation).double()
+    model = _model(d=4, gp_kl_expectation=kl_expectation).double()
     _randomize_gp(model)
     x = _inputs(2)
 
@@ -533,9 +532,9 @@ def test_objective_gradient_matches_finite_difference(kl_expectation, which, h):
 def test_registration_and_config_validation():
     assert MODELS["gpvae"] is GPVAE and GPVAE.config_class is GPVAEConfig
     cfg = GPVAEConfig()
-    assert (cfg.gp_init_std, cfg.kl_expectation, cfg.kl_mc_samples) == (1e-3, "exact", 1)
-    for bad in ({"gp_init_std": 0.0}, {"gp_init_std": -1.0}, {"kl_expectation": "quad"},
-                {"kl_mc_samples": 0}, {"latent_dim": 0}):
+    assert (cfg.gp_init_std, cfg.gp_kl_expectation, cfg.gp_kl_mc_samples) == (1e-3, "exact", 1)
+    for bad in ({"gp_init_std": 0.0}, {"gp_init_std": -1.0}, {"gp_kl_expectation": "quad"},
+                {"gp_kl_mc_samples": 0}, {"latent_dim": 0}):
         with pytest.raises(ConfigError):
             build_model("gpvae", MNIST, **bad)
     with pytest.raises(ConfigError):

@@ -17,7 +17,7 @@ from torch.distributions import Independent, Normal
 
 from gpvae.data import ImageData
 from gpvae.export import export_encoder
-from gpvae.models import build_model
+from gpvae.models import LatentVariableModel, ModelConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -220,7 +220,7 @@ def test_train_gpvae_then_uncertainty_and_export_cli(tmp_path):
 
     # the run's best checkpoint on its first 40 test images, against brute force
     from gpvae.data import load_splits
-    from gpvae.training import load_run
+    from gpvae.rundir import load_run
 
     model, cfg = load_run(run, "best", "cpu")
     test = load_splits("mnist", split_seed=cfg.split_seed, limit_train=1, limit_test=40).test
@@ -278,13 +278,13 @@ def test_bench_inference_json_reports_ratios_and_flop_floor():
     assert gp["ratio_to_vae"] == pytest.approx(gp["ms_per_batch"] / vae["ms_per_batch"])
 
 
-class _SleepyModel(torch.nn.Module):
+class _SleepyModel(LatentVariableModel):
     """Stands in for build_model in the benchmarks: q(z|x) and the training objective take
     ``ms`` milliseconds per call (time.sleep sleeps at least that long)."""
 
     def __init__(self, ms, latent_dim):
-        super().__init__()
-        self.ms, self.latent_dim, self.image_shape = ms, latent_dim, (1, 28, 28)
+        super().__init__(ModelConfig(latent_dim=latent_dim), (1, 28, 28))
+        self.ms = ms
         self.encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, latent_dim))
         self.decoder = torch.nn.Linear(latent_dim, 784)
         self.scale = torch.nn.Parameter(torch.ones(()))  # the only trained parameter

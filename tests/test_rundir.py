@@ -11,7 +11,8 @@ import pytest
 from gpvae.checkpoint import atomic_write_text, check_output_file, remove_orphan_temps
 from gpvae.errors import ConfigError, OutputError
 from gpvae.rundir import LOCK_FILE, locked_run_dir
-from gpvae.training import TrainConfig, train
+from gpvae.rundir import TrainConfig
+from gpvae.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,8 @@ import torch
 from gpvae.checkpoint import read_checkpoint
 from gpvae.errors import ConfigError, TrainingDivergedError
 from gpvae.models import MODELS, VAE
-from gpvae.training import TrainConfig, train
+from gpvae.rundir import TrainConfig
+from gpvae.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["train", "--dataset", "mnist", "--model", "vae", "--latent-dim", "4", "--epochs", "4",

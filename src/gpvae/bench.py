@@ -16,10 +16,13 @@ import time
 import torch
 
 from .data import load_splits
+from .devices import model_device_dtype, resolve_device
 from .evaluation import estimate
 from .flops import forward_flops
-from .models import build_model
-from .training import make_adam, resolve_device
+from .models import build_model, parse_model_list, parse_model_spec
+from .models.base import posterior_without_grad, without_grad
+from .networks import set_channels_last
+from .training import make_adam
 
 
 def reference_per_image_iwae(model, data, samples: int, device) -> torch.Tensor:
@@ -29,18 +32,24 @@ def reference_per_image_iwae(model, data, samples: int, device) -> torch.Tensor:
         for i in range(len(data)):
             x = data.batch(slice(i, i + 1), device)
             xs = x.expand(samples, *x.shape[1:])
-            q = model.posterior(xs)
+            q = posterior_without_grad(model, xs)
             z = q.rsample()
             lw = model.log_likelihood(xs, z) + model.log_prior(z) - q.log_prob(z)
             out.append(torch.logsumexp(lw, 0) - math.log(samples))
     return torch.stack(out)
 
 
+def decoder_flops(model) -> int:
+    """FLOPs of one decoder pass for one z (on the model's device and dtype)."""
+    device, dtype = model_device_dtype(model)
+    return forward_flops(model.decoder, torch.zeros(1, model.latent_dim, device=device,
+                                                    dtype=dtype))
+
+
 def iwae_flops_per_image(model, samples: int) -> int:
-    x = torch.zeros(1, *model.image_shape)
-    enc = forward_flops(model.encoder, x) if hasattr(model, "encoder") else 0
-    dec = forward_flops(model.decoder, torch.zeros(1, model.latent_dim))
-    return enc + samples * dec
+    """One q(z|x) (:meth:`~gpvae.models.base.LatentVariableModel.posterior_flops`) and
+    ``samples`` decoder passes."""
+    return model.posterior_flops(1) + samples * decoder_flops(model)
 
 
 def _time(fn, repeats: int, device) -> float:
@@ -60,7 +69,8 @@ def bench_iwae(args) -> dict:
     device = resolve_device(args.device)
     torch.manual_seed(0)
     test = load_splits("mnist", limit_train=1, limit_test=args.images).test
-    model = build_model(args.model, test.images.shape[1:], latent_dim=args.latent_dim)
+    method, options = parse_model_spec(args.model)
+    model = build_model(method, test.images.shape[1:], latent_dim=args.latent_dim, **options)
     model = model.to(device).eval()
     n, k = len(test), args.iwae_samples
 
@@ -70,10 +80,7 @@ def bench_iwae(args) -> dict:
 
     ref_n = min(n, 100)
     ref_data = type(test)(test.images[:ref_n])
-    ref_model = copy.deepcopy(model)
-    for module in ref_model.modules():  # PyTorch's default NCHW layout, as pythae runs
-        if hasattr(module, "use_channels_last"):
-            module.use_channels_last(False)
+    ref_model = set_channels_last(copy.deepcopy(model), False)  # NCHW, as pythae runs
 
     def reference():
         reference_per_image_iwae(ref_model, ref_data, k, device)
@@ -104,32 +111,11 @@ def bench_iwae(args) -> dict:
     return result
 
 
-def _encoder_floor_flops(model) -> int:
-    """FLOPs of one image's q(z|x) -- the networks plus, for the GPVAE, eq. (13)'s extra work.
-
-    GPVAE: three Tab. 6-8 encoders' worth of networks (b/c encoder, psi^m, psi^s), the two
-    mean terms mu_j^T psi^m, eta_j^T psi^s (2 x 2dp), and the 2d quadratic forms of eq. (13)
-    in the symmetric outer-product form (2 x (2d + 1) p(p+1)/2: the p(p+1)/2 products
-    psi_k psi_l once, then d dot products of that length).
-    """
-    x = torch.zeros(1, *model.image_shape)
-    total = forward_flops(model.encoder, x)
-    for name in ("psi_m", "psi_s"):
-        if hasattr(model, name):
-            total += forward_flops(getattr(model, name), x)
-    if hasattr(model, "psi_m"):
-        d, p = model.latent_dim, model.arch.hidden
-        tri = p * (p + 1) // 2
-        total += 2 * 2 * d * p + 2 * (2 * d + 1) * tri
-    return total
-
-
 def _train_floor_flops(model) -> int:
-    """Forward FLOPs of one training example: q(z|x) (:func:`_encoder_floor_flops`) plus
+    """Forward FLOPs of one training example: q(z|x) (``model.posterior_flops(1)``) plus
     one decoder pass.  Backward costs about twice the forward for both models, so the
     ratio of these is the arithmetic floor of the training-step time ratio."""
-    return _encoder_floor_flops(model) + forward_flops(model.decoder,
-                                                       torch.zeros(1, model.latent_dim))
+    return model.posterior_flops(1) + decoder_flops(model)
 
 
 def _print_profile(runs: dict, device, rows: int = 12) -> None:
@@ -149,6 +135,15 @@ def _print_profile(runs: dict, device, rows: int = 12) -> None:
         print(prof.key_averages().table(sort_by=sort, row_limit=rows))
 
 
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else math.nan
+
+
+def _with_vae(specs: dict) -> dict:
+    """The parsed ``--models`` with the VAE first when it is not listed (the reference)."""
+    return specs if "vae" in specs else {"vae": ("vae", {}), **specs}
+
+
 def _test_batches(dataset: str, data_dir, batch_size: int, limit: int | None, device):
     from .data import load_splits
 
@@ -157,11 +152,12 @@ def _test_batches(dataset: str, data_dir, batch_size: int, limit: int | None, de
 
 
 def _posterior_pass(model, batches):
+    """One pass of ``model.compute_posterior`` (q(z|x) and its parameters) over ``batches``,
+    without gradients (with autograd inside q(z|x) for a method that needs it)."""
     def one_pass():
         with torch.inference_mode():
             for x in batches:
-                q = model.posterior(x)
-                q.mean, q.stddev  # materialise the parameters of q(z|x)
+                without_grad(model, model.compute_posterior, x)
 
     return one_pass
 
@@ -182,14 +178,14 @@ def bench_inference(args) -> dict:
     from .data import IMAGE_SHAPES
 
     device = resolve_device(args.device)
-    names = [m.strip() for m in args.models.split(",") if m.strip()]
-    if "vae" not in names:
-        names = ["vae"] + names
+    specs = _with_vae(parse_model_list(args.models))
+    names = list(specs)
     batches = _test_batches(args.dataset, args.data_dir, args.batch_size, args.limit_test, device)
     models, passes = {}, {}
-    for name in names:
+    for name, (method, options) in specs.items():
         torch.manual_seed(0)
-        model = build_model(name, IMAGE_SHAPES[args.dataset], latent_dim=args.latent_dim)
+        model = build_model(method, IMAGE_SHAPES[args.dataset], latent_dim=args.latent_dim,
+                            **options)
         models[name] = model.to(device).eval()
         passes[name] = _posterior_pass(models[name], batches)
         passes[name]()  # warm-up
@@ -201,11 +197,11 @@ def bench_inference(args) -> dict:
     for name in names:
         t = times[name]
         results[name] = {"ms_per_batch": sum(t) / len(t), "ms_per_batch_min": min(t),
-                         "flops_per_image": _encoder_floor_flops(models[name])}
+                         "flops_per_image": models[name].posterior_flops(1)}
     vae = results["vae"]
     for r in results.values():
         r["ratio_to_vae"] = r["ms_per_batch"] / vae["ms_per_batch"]
-        r["flop_ratio_to_vae"] = r["flops_per_image"] / vae["flops_per_image"]
+        r["flop_ratio_to_vae"] = _ratio(r["flops_per_image"], vae["flops_per_image"])
     out = {"device": str(device), "threads": torch.get_num_threads(), "dataset": args.dataset,
            "latent_dim": args.latent_dim, "batch_size": args.batch_size,
            "batches": len(batches), "repeats": args.repeats, "models": results}
@@ -215,10 +211,12 @@ def bench_inference(args) -> dict:
         print(f"q(z|x) inference time per batch of {args.batch_size}, {args.dataset} test set "
               f"({len(batches)} batches), d={args.latent_dim}, {device} "
               f"({out['threads']} threads), mean of {args.repeats} passes after a warm-up")
-        print(f"{'model':<10} {'ms/batch':>9} {'ratio to VAE':>13} {'FLOP floor ratio':>17}")
+        print(f"{'model':<10} {'ms/batch':>9} {'ratio to VAE':>13} {'MFLOP/image':>12} "
+              f"{'FLOP floor ratio':>17}")
         for name, r in results.items():
             print(f"{name:<10} {r['ms_per_batch']:>9.2f} {r['ratio_to_vae']:>13.2f} "
-                  f"{r['flop_ratio_to_vae']:>17.2f}")
+                  f"{r['flops_per_image'] / 1e6:>12.2f} {r['flop_ratio_to_vae']:>17.2f}")
+        print("(MFLOP/image: the FLOP floor of one q(z|x), 2 x multiply-adds)")
         if args.profile:
             _print_profile(passes, device)
     return out
@@ -233,9 +231,8 @@ def bench_train(args) -> dict:
     from .data import IMAGE_SHAPES, load_splits
 
     device = resolve_device(args.device)
-    names = [m.strip() for m in args.models.split(",") if m.strip()]
-    if "vae" not in names:
-        names = ["vae"] + names
+    specs = _with_vae(parse_model_list(args.models))
+    names = list(specs)
     train_data = load_splits(args.dataset, args.data_dir, limit_train=args.batch_size * 4).train
     x = train_data.batch(slice(0, args.batch_size), device)
 
@@ -249,9 +246,10 @@ def bench_train(args) -> dict:
         return steps
 
     runs, models = {}, {}
-    for name in names:
+    for name, (method, options) in specs.items():
         torch.manual_seed(0)
-        model = build_model(name, IMAGE_SHAPES[args.dataset], latent_dim=args.latent_dim)
+        model = build_model(method, IMAGE_SHAPES[args.dataset], latent_dim=args.latent_dim,
+                            **options)
         models[name] = model = model.to(device).train()
         runs[name] = make_steps(model, make_adam(model.parameters(), lr=5e-4))
         runs[name]()  # warm-up
@@ -263,7 +261,7 @@ def bench_train(args) -> dict:
                       "flops_per_image": _train_floor_flops(models[name])} for name in names}
     for r in results.values():
         r["ratio_to_vae"] = r["ms_per_step"] / results["vae"]["ms_per_step"]
-        r["flop_ratio_to_vae"] = r["flops_per_image"] / results["vae"]["flops_per_image"]
+        r["flop_ratio_to_vae"] = _ratio(r["flops_per_image"], results["vae"]["flops_per_image"])
     out = {"device": str(device), "threads": torch.get_num_threads(), "dataset": args.dataset,
            "latent_dim": args.latent_dim, "batch_size": args.batch_size, "models": results}
     if args.json:
@@ -271,10 +269,12 @@ def bench_train(args) -> dict:
     else:
         print(f"training step (batch {args.batch_size}, d={args.latent_dim}, {args.dataset}, "
               f"{device}, {out['threads']} threads), best of {args.repeats} x {args.steps} steps")
-        print(f"{'model':<10} {'ms/step':>9} {'ratio to VAE':>13} {'FLOP floor ratio':>17}")
+        print(f"{'model':<10} {'ms/step':>9} {'ratio to VAE':>13} {'MFLOP/image':>12} "
+              f"{'FLOP floor ratio':>17}")
         for name, r in results.items():
             print(f"{name:<10} {r['ms_per_step']:>9.2f} {r['ratio_to_vae']:>13.2f} "
-                  f"{r['flop_ratio_to_vae']:>17.2f}")
+                  f"{r['flops_per_image'] / 1e6:>12.2f} {r['flop_ratio_to_vae']:>17.2f}")
+        print("(MFLOP/image: the forward FLOP floor, one q(z|x) and one decoder pass)")
         if args.profile:
             _print_profile(runs, device)
     return out
@@ -284,9 +284,9 @@ def bench_quadratic(args) -> dict:
     """Time one batch of the d quadratic forms psi^T Sigma_j psi of eq. (13): the dense
     Cholesky form, the column-blocked Cholesky form (what training uses, reading the stored
     blocks in place) and the symmetric packed form for several block sizes."""
-    from .models.gpvae import (blocked_cholesky_quadratic_form, chol_block_size,
-                               cholesky_quadratic_form, dense_to_blocked,
-                               packed_quadratic_form, symmetric_packed)
+    from .cholesky import (blocked_cholesky_quadratic_form, chol_block_size,
+                           cholesky_quadratic_form, dense_to_blocked, packed_quadratic_form,
+                           symmetric_packed)
 
     device = resolve_device(args.device)
     g = torch.Generator().manual_seed(0)

@@ -47,7 +47,9 @@ nonneg_int = _int_at_least(0)
 
 
 def _model_option_fields():
-    """Every field of every registered model config, beyond the shared generative ones."""
+    """Every field of every registered model config, beyond the shared generative ones:
+    {name: (field, [models])}.  Each such field is one method's own and starts with its
+    prefix (:func:`gpvae.models.check_options`), so merging them by name cannot collide."""
     from .models import MODELS, ModelConfig
 
     base = {f.name for f in fields(ModelConfig)}
@@ -57,6 +59,10 @@ def _model_option_fields():
             if f.name not in base:
                 seen.setdefault(f.name, (f, []))[1].append(name)
     return seen
+
+
+MODELS_HELP = ("comma-separated models, each NAME or NAME:SIZE with a size in the paper's "
+               "notation for methods that have one (e.g. vae,sa:2,gpvae)")
 
 
 def _add_data_args(p):
@@ -185,8 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-test", type=positive_int, default=1000)
     p.add_argument("--iwae-samples", type=positive_int, default=100)
     p.add_argument("--latent-dim", type=positive_int, default=10)
-    p.add_argument("--models", default="vae,gpvae", help="comma-separated models "
-                   "(default vae,gpvae)")
+    p.add_argument("--models", default="vae,gpvae", help=MODELS_HELP + " (default vae,gpvae)")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
@@ -196,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Time IWAE-K evaluation of a freshly initialised model with "
                        "the Tab. 6 networks on real MNIST test images and print images/s and "
                        "the achieved GFLOP/s against the decoder's FLOP floor.")
-    p.add_argument("--model", default="vae")
+    p.add_argument("--model", default="vae", help="NAME or NAME:SIZE (default vae)")
     p.add_argument("--iwae-samples", type=positive_int, default=100)
     p.add_argument("--images", type=positive_int, default=500)
     p.add_argument("--latent-dim", type=positive_int, default=10)
@@ -214,8 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "evaluate IWAE-K on the same test images and report mean ± sd, paired "
                        "differences and two-sided t-tests. Resumable: finished runs are reused.")
     p.add_argument("--out", required=True, help="directory for the runs and results.md/json")
-    p.add_argument("--models", default="vae,gpvae", help="comma-separated; the first is the "
-                   "reference (default vae,gpvae)")
+    p.add_argument("--models", default="vae,gpvae", help=MODELS_HELP + "; the first is the "
+                   "reference; runs go to OUT/NAME/seedS, OUT/NAME-SIZE/seedS with a size "
+                   "(default vae,gpvae)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--dataset", choices=DATASETS, default="mnist")
     p.add_argument("--data-dir")
@@ -234,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "models; every ratio is measured in the same run.")
         p.add_argument("--dataset", choices=DATASETS, default="mnist")
         p.add_argument("--data-dir")
-        p.add_argument("--models", default="vae,gpvae", help="comma-separated (default vae,gpvae); "
-                       "the VAE is always included as the reference")
+        p.add_argument("--models", default="vae,gpvae", help=MODELS_HELP + " (default "
+                       "vae,gpvae); the VAE is always included as the reference")
         p.add_argument("--latent-dim", type=positive_int, default=50, help="default 50 (Tab. 5)")
         p.add_argument("--batch-size", type=positive_int, default=128)
         p.add_argument("--repeats", type=positive_int, default=5)
@@ -268,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _train_config(args):
     """TrainConfig from flags; with --resume, flags not given come from the saved run."""
     from .models import ModelConfig, model_class
-    from .training import TrainConfig, read_config
+    from .rundir import TrainConfig, read_config
 
     given = {k: v for k, v in vars(args).items() if v is not None}
     base = read_config(args.out) if args.resume else TrainConfig(out=args.out)
@@ -304,8 +310,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from .devices import resolve_device
     from .evaluation import estimate
-    from .training import load_run, read_config, resolve_device, run_test_split
+    from .rundir import load_run, read_config, run_test_split
 
     device = resolve_device(args.device)
     cfg = read_config(args.run_dir)
@@ -337,11 +344,9 @@ def _csv_list(text: str, flag: str, kind=str) -> list:
 
 def cmd_compare(args) -> int:
     from .experiments import compare
-    from .models import model_class
+    from .models import parse_model_list
 
-    models = _csv_list(args.models, "--models")
-    for m in models:
-        model_class(m)
+    models = list(parse_model_list(args.models))  # bad names and sizes fail here
     seeds = _csv_list(args.seeds, "--seeds", int)
     result = compare(models, seeds, out=args.out, dataset=args.dataset, data_dir=args.data_dir,
                      epochs=args.epochs, latent_dim=args.latent_dim,
@@ -359,7 +364,7 @@ def cmd_export(args) -> int:
 
     from .checkpoint import check_output_file
     from .export import export_encoder
-    from .training import load_run
+    from .rundir import load_run
 
     path = check_output_file(args.out or Path(args.run_dir) / "encoder.pt2", "--out")
     model, cfg = load_run(args.run_dir, args.checkpoint, "cpu")

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import torch
 
-from .data import load_splits
-from .evaluation import estimate
 from .bench import time_posterior
+from .data import load_splits
+from .devices import resolve_device
+from .evaluation import estimate
+from .models import parse_model_list, run_dir_name
 from .plots import reconstructions_and_samples
+from .rundir import CONFIG_FILE, TrainConfig, load_run
+from .training import train
 from .uncertainty import instance_uncertainty
-from .rundir import CONFIG_FILE
-from .training import TrainConfig, load_run, resolve_device, train
 
 BATCH = 128  # the batch size of the timing column (Tab. 5, ``gpvae bench-inference``)
 TIMING_REPEATS = 5
@@ -46,18 +48,14 @@ def inference_ms(model, data, device, batch_size: int = BATCH,
 def run_demo(args) -> list[dict]:
     device = resolve_device(args.device)
     out = Path(args.out)
-    names = [m.strip() for m in args.models.split(",") if m.strip()]
-    from .models import model_class
-
-    for name in names:
-        model_class(name)  # unknown names fail before any work
+    specs = parse_model_list(args.models)  # bad names and sizes fail before any work
     rows, models = [], {}
     splits = load_splits("mnist", limit_train=args.limit_train, limit_test=args.limit_test)
-    for name in names:
-        run_dir = out / name
-        cfg = TrainConfig(out=str(run_dir), dataset="mnist", model=name,
-                          model_options={"latent_dim": args.latent_dim}, epochs=args.epochs,
-                          seed=args.seed, limit_train=args.limit_train,
+    for name, (method, options) in specs.items():
+        run_dir = out / run_dir_name(name)
+        cfg = TrainConfig(out=str(run_dir), dataset="mnist", model=method,
+                          model_options={"latent_dim": args.latent_dim, **options},
+                          epochs=args.epochs, seed=args.seed, limit_train=args.limit_train,
                           limit_test=args.limit_test, device=str(device))
         resume = (run_dir / CONFIG_FILE).is_file()
         print(f"[demo] training {name} on {args.limit_train} real MNIST images for "
@@ -71,7 +69,7 @@ def run_demo(args) -> list[dict]:
         ms = inference_ms(model, splits.test, device)
         unc = (float(instance_uncertainty(model, splits.test, device=device,
                                           progress=False)["total"].mean())
-               if hasattr(model, "uncertainty") else None)
+               if model.supports_uncertainty() else None)
         rows.append({"model": name, "train_s": train_s, "ms_per_batch": ms,
                      "uncertainty": unc, **est})
         models[name] = model

@@ -22,6 +22,11 @@ class ConfigError(GpvaeError):
     """An invalid option value (negative epochs, unknown model, ...)."""
 
 
+class UnsupportedError(ConfigError, NotImplementedError):
+    """A method lacks an optional capability (per-instance uncertainty, a fused encoder for
+    export): a one-line error on the command line, a NotImplementedError in Python."""
+
+
 class CheckpointError(GpvaeError):
     """A run directory or checkpoint is missing, corrupt or not a gpvae checkpoint."""
 

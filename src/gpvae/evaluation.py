@@ -7,20 +7,23 @@ For K samples z_k ~ q(z|x) the log importance weights are
     ELBO(x)   ~ mean_k(log w_k)                 (a K-sample Monte Carlo estimate of eq. 2).
 
 Both come from the same weights, so one pass gives both.  Work is chunked over data and
-samples so memory stays bounded whatever K is, and runs under ``torch.inference_mode``.
-Only ``model.posterior``, ``model.log_likelihood`` and ``model.log_prior`` are used: every
+samples so memory stays bounded whatever K is, and runs under ``torch.inference_mode``
+(q(z|x) of a method whose ``posterior`` needs autograd is computed with it switched back
+on for that call: :func:`gpvae.models.base.posterior_without_grad`).  Only
+``model.posterior``, ``model.log_likelihood`` and ``model.log_prior`` are used: every
 inference method is scored by the same code.
 """
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from dataclasses import dataclass
 
 import torch
 
+from .devices import model_device_dtype
 from .errors import ConfigError
+from .models.base import posterior_without_grad
 
 
 @dataclass
@@ -51,8 +54,9 @@ class Estimates:
 
 
 def log_weights(model, x: torch.Tensor, samples: int, max_batch_samples: int = 512) -> torch.Tensor:
-    """log w (K, B) for a batch x, decoding at most ``max_batch_samples`` z's at a time."""
-    q = model.posterior(x)
+    """log w (K, B) for a batch x, decoding at most ``max_batch_samples`` z's at a time.
+    Without gradients (call it under ``torch.inference_mode`` or ``no_grad``)."""
+    q = posterior_without_grad(model, x)
     per_chunk = max(1, max_batch_samples // x.shape[0])
     out = []
     for start in range(0, samples, per_chunk):
@@ -60,15 +64,6 @@ def log_weights(model, x: torch.Tensor, samples: int, max_batch_samples: int = 5
         z = q.sample((k,))
         out.append(model.log_likelihood(x, z) + model.log_prior(z) - q.log_prob(z))
     return torch.cat(out, 0)
-
-
-def model_device_dtype(model, default_device="cpu") -> tuple[torch.device, torch.dtype | None]:
-    """The device and dtype of a model's tensors (its first parameter, or buffer): what its
-    inputs must be cast to; ``default_device`` and no cast for a model with no tensors."""
-    ref = next(itertools.chain(model.parameters(), model.buffers()), None)
-    if ref is None:
-        return torch.device(default_device), None
-    return ref.device, ref.dtype
 
 
 def estimate(

@@ -9,9 +9,11 @@ mean ± sd over seeds, the paired difference to the first model with its standar
 and two-sided t-tests (Welch, as the paper's tables, and paired, since each seed shares
 its split across models).
 
-Runs live in ``OUT/MODEL/seedS`` and are resumed or skipped when already finished, so a
-killed comparison continues where it stopped.  Results go to ``OUT/results.json`` and
-``OUT/results.md`` (atomically).
+Models are ``--models`` specs, a method with an optional size in the paper's notation
+(``vae,sa:2,gpvae``: :func:`gpvae.models.parse_model_spec`).  Runs live in
+``OUT/MODEL/seedS`` (``OUT/sa-2/seed0`` for ``sa:2``) and are resumed or skipped when
+already finished, so a killed comparison continues where it stopped.  Results go to
+``OUT/results.json`` and ``OUT/results.md`` (atomically).
 """
 from __future__ import annotations
 
@@ -20,9 +22,11 @@ import math
 from pathlib import Path
 
 from .checkpoint import atomic_write_text, read_checkpoint
+from .devices import resolve_device
 from .evaluation import estimate
-from .rundir import CONFIG_FILE, LAST
-from .training import TrainConfig, load_run, resolve_device, run_test_split, train
+from .models import parse_model_list, run_dir_name
+from .rundir import CONFIG_FILE, LAST, TrainConfig, load_run, run_test_split
+from .training import train
 
 
 def _finished(run_dir: Path, epochs: int) -> bool:
@@ -36,16 +40,21 @@ def _finished(run_dir: Path, epochs: int) -> bool:
 def compare(models, seeds, *, out, dataset="mnist", data_dir=None, epochs=20, latent_dim=10,
             limit_train=None, limit_test=None, iwae_samples=100, device="auto",
             model_options=None, progress=True, log=print) -> dict:
+    """Train and score every (model, seed); ``models`` are specs (``"sa:2"``), the first
+    the reference; ``model_options`` optionally maps a spec to further options."""
     device = resolve_device(device)
     out = Path(out)
+    specs = parse_model_list(models)
+    models = list(specs)  # canonical labels
     model_options = model_options or {}
     tests: dict[int, object] = {}  # split seed -> that split's test images
     scores: dict[str, dict[int, dict]] = {}
-    for name in models:
+    for name, (method, options) in specs.items():
         for seed in seeds:
-            run_dir = out / name / f"seed{seed}"
-            cfg = TrainConfig(out=str(run_dir), dataset=dataset, data_dir=data_dir, model=name,
-                              model_options={"latent_dim": latent_dim,
+            run_dir = out / run_dir_name(name) / f"seed{seed}"
+            cfg = TrainConfig(out=str(run_dir), dataset=dataset, data_dir=data_dir,
+                              model=method,
+                              model_options={"latent_dim": latent_dim, **options,
                                              **model_options.get(name, {})},
                               epochs=epochs, seed=seed, split_seed=seed, limit_train=limit_train,
                               limit_test=limit_test, device=str(device))

@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_path
-from .errors import ConfigError
+from .devices import model_device_dtype
 
 
 def encoder_module(model) -> torch.nn.Module:
-    """The model's fused marginal encoder x -> (mean, variance) of q(z|x), each (B, d)."""
-    if not hasattr(model, "fused_encoder"):
-        raise ConfigError(f"{type(model).__name__} has no exportable Gaussian encoder")
+    """The model's fused marginal encoder x -> (mean, variance) of q(z|x), each (B, d);
+    :class:`~gpvae.errors.UnsupportedError` for a method without one
+    (``model.supports_fused_encoder()``)."""
     return model.fused_encoder().eval()
 
 
@@ -31,7 +31,8 @@ def export_encoder(model, path, batch_size: int = 4) -> Path:
         # converts x to channels-last where the networks do, and the convolutions follow
         for p in module.parameters():
             p.data = p.data.contiguous()
-    example = torch.rand(batch_size, *model.image_shape)
+    device, dtype = model_device_dtype(module)  # the exported program's: CPU
+    example = torch.rand(batch_size, *model.image_shape, device=device, dtype=dtype)
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     with torch.no_grad():
         program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))

@@ -3,12 +3,17 @@ measured speeds against what the arithmetic allows.  Counts come from forward ho
 real modules, so they follow the networks exactly."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
+_COUNTED = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
 
-def forward_flops(module: nn.Module, *inputs: torch.Tensor) -> int:
-    """FLOPs of one forward pass of ``module`` on ``inputs`` (Linear, Conv, ConvTranspose)."""
+
+def count_flops(module: nn.Module, fn: Callable[[], object]) -> int:
+    """FLOPs of the ``nn.Linear`` / ``Conv2d`` / ``ConvTranspose2d`` layers of ``module`` (any
+    depth) that run during ``fn()``, each call counted; arithmetic outside them is not."""
     total = 0
 
     def hook(mod, args, out):
@@ -24,11 +29,16 @@ def forward_flops(module: nn.Module, *inputs: torch.Tensor) -> int:
             total += 2 * x.numel() * k
 
     handles = [m.register_forward_hook(hook) for m in module.modules()
-               if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))]
+               if isinstance(m, _COUNTED)]
     try:
-        with torch.no_grad():
-            module(*inputs)
+        fn()
     finally:
         for h in handles:
             h.remove()
     return total
+
+
+def forward_flops(module: nn.Module, *inputs: torch.Tensor) -> int:
+    """FLOPs of one forward pass of ``module`` on ``inputs`` (Linear, Conv, ConvTranspose)."""
+    with torch.no_grad():
+        return count_flops(module, lambda: module(*inputs))

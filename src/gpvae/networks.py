@@ -78,6 +78,14 @@ class _ChannelsLast:
         return self
 
 
+def set_channels_last(module: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch every network inside ``module`` to NHWC (``enabled``) or NCHW; returns it."""
+    for m in module.modules():
+        if isinstance(m, _ChannelsLast):
+            m.use_channels_last(enabled)
+    return module
+
+
 class EncoderTrunk(_ChannelsLast, nn.Module):
     """Convolutions + the first FC layer of the encoder: x (B,C,H,W) -> features (B, h).
 
@@ -119,7 +127,12 @@ class GaussianEncoder(nn.Module):
         self.min_std = min_std
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, pre_std = self.head(self.trunk(x)).chunk(2, dim=-1)
+        return self.split_head(self.head(self.trunk(x)))
+
+    def split_head(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) from raw head outputs (..., 2d): this encoder's parametrisation, for
+        methods that put more heads on the trunk's features (HF, ME)."""
+        mean, pre_std = out.chunk(2, dim=-1)
         return mean, nn.functional.softplus(pre_std) + self.min_std
 
 
@@ -155,8 +168,9 @@ class ConvDecoder(_ChannelsLast, nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         lead = z.shape[:-1]
         h = self.fc(z.reshape(-1, z.shape[-1])).view(-1, *self.seed_shape)
-        # channels-last (NHWC) is the layout oneDNN's (and cuDNN's) fast kernels want: on
-        # 2 CPU cores it makes the decoder ~1.5x faster (see docs/benchmarks.md).
+        # channels-last (NHWC) is the layout oneDNN's (and cuDNN's) fast kernels want: the
+        # decoder's throughput in each layout is in docs/benchmarks.md
+        # (scripts/bench_layout.py).
         if self.channels_last:
             h = h.contiguous(memory_format=torch.channels_last)
         out = self.deconv(h)

@@ -1,4 +1,6 @@
-"""Figures, written once against the model interface (decode, posterior, likelihood.mean)."""
+"""Figures, written once against the model interface (decode, posterior, likelihood.mean).
+Without gradients; q(z|x) of a method that needs autograd inside it gets it
+(:func:`gpvae.models.base.posterior_without_grad`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,6 +8,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_write_bytes
+from .devices import model_device_dtype
+from .models.base import posterior_without_grad
 
 
 def _to_uint8_grid(images: torch.Tensor, ncol: int) -> torch.Tensor:
@@ -28,11 +32,11 @@ def reconstructions_and_samples(models: dict, x: torch.Tensor, path, n_samples: 
     gen = torch.Generator().manual_seed(seed)
     for name, model in models.items():
         model.eval()
-        device = next(model.parameters()).device
-        q = model.posterior(x.to(device))
-        rec = model.likelihood.mean(model.decode(q.mean)).cpu()
-        z = torch.randn(n_samples, model.latent_dim, generator=gen).to(device)
-        samples = model.likelihood.mean(model.decode(z)).cpu()
+        device, dtype = model_device_dtype(model)
+        q = posterior_without_grad(model, x.to(device, dtype))
+        rec = model.likelihood.mean(model.decode(q.mean)).float().cpu()
+        z = torch.randn(n_samples, model.latent_dim, generator=gen).to(device, dtype)
+        samples = model.likelihood.mean(model.decode(z)).float().cpu()
         bands += [(f"{name}: reconstructions", rec), (f"{name}: samples", samples)]
     return _save_bands(bands, max(x.shape[0], n_samples), path)
 
@@ -71,10 +75,11 @@ def _save_bands(bands, ncol: int, path, scale: int = 2) -> Path:
 def uncertainty_extremes(model, data, low_idx, high_idx, path) -> Path:
     """PNG (Fig. 1, bottom panel): the least and the most uncertain images with their
     reconstructions."""
-    device = next(model.parameters()).device
+    device, dtype = model_device_dtype(model)
     bands = []
     for label, idx in (("least uncertain", low_idx), ("most uncertain", high_idx)):
         x = data.batch(torch.as_tensor(idx), device)
-        rec = model.likelihood.mean(model.decode(model.posterior(x).mean)).cpu()
+        q = posterior_without_grad(model, x.to(device, dtype))
+        rec = model.likelihood.mean(model.decode(q.mean)).float().cpu()
         bands += [(f"{label}: images", x.cpu()), (f"{label}: reconstructions", rec)]
     return _save_bands(bands, max(len(low_idx), len(high_idx)), path)

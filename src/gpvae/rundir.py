@@ -1,8 +1,17 @@
-"""Run directories: what a run writes where, and who may write it.
+"""Run directories: what a run writes where, who may write it, and how to read it back.
 
-A run directory (``gpvae train --out DIR``) holds ``config.json``, ``last.safetensors``,
-``best.safetensors``, ``metrics.csv`` and ``tensorboard/`` (see :mod:`gpvae.training`), and
-a lock file ``.gpvae.lock``.  The rules, enforced before any training work starts:
+A run directory (``gpvae train --out DIR``) holds::
+
+    config.json        the TrainConfig (what to build, which data, which seeds)
+    last.safetensors   model + optimizer + history after the last finished epoch (for --resume)
+    best.safetensors   model at the epoch with the best validation ELBO (what evaluate uses)
+    metrics.csv        one row per epoch
+    tensorboard/       the same metrics, when TensorBoard is installed
+    .gpvae.lock        the write lock
+
+:mod:`gpvae.training` writes them; every reader (evaluate, uncertainty, export, compare,
+demo) uses :func:`read_config`, :func:`load_run` and :func:`run_test_split` from here.
+The rules, enforced before any training work starts:
 
 * only one process writes a run directory at a time: the writer holds an exclusive
   ``flock`` on the lock file, which the kernel releases when the process ends however it
@@ -16,9 +25,13 @@ a lock file ``.gpvae.lock``.  The rules, enforced before any training work start
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from .devices import resolve_device
 from .errors import CheckpointError, ConfigError, OutputError, describe
 
 try:
@@ -106,10 +119,116 @@ def require_empty(path: Path) -> None:
 
 def is_run_dir(path: Path) -> bool:
     """Whether ``path`` holds a readable gpvae ``config.json``."""
-    from .training import read_config
-
     try:
         read_config(path)
     except (CheckpointError, ConfigError):
         return False
     return True
+
+
+# --------------------------------------------------------------------------------------
+# What defines a run, and reading one back
+# --------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Everything that defines a run.  Defaults follow the paper's Sec. 8 except ``epochs``."""
+
+    out: str = "runs/run"
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    model: str = "vae"
+    model_options: dict = field(default_factory=dict)  # the model config's fields
+    epochs: int = 20  # paper: 2000
+    batch_size: int = 128
+    lr: float = 5e-4
+    seed: int = 0  # initialization, shuffling, sampling
+    split_seed: int = 0  # the train/validation split
+    limit_train: int | None = None
+    limit_test: int | None = None
+    valid_samples: int = 1  # importance samples per validation image for the ELBO
+    device: str = "auto"
+
+    def validate(self) -> None:
+        def positive(name, value, allow_none=False):
+            if value is None and allow_none:
+                return
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
+
+        check_out_path(self.out)
+        positive("epochs", self.epochs)
+        positive("batch_size", self.batch_size)
+        positive("valid_samples", self.valid_samples)
+        positive("limit_train", self.limit_train, allow_none=True)
+        positive("limit_test", self.limit_test, allow_none=True)
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr!r}")
+        resolve_device(self.device)
+
+
+def read_config(run_dir) -> TrainConfig:
+    """The :class:`TrainConfig` of a run directory; a missing, unreadable or invalid
+    ``config.json`` is a one-line :class:`~gpvae.errors.CheckpointError`.  Model options
+    written under a method's former names are returned under their current ones
+    (:func:`gpvae.models.current_options`)."""
+    from .data import DATASETS
+    from .models import MODELS, current_options
+
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a gpvae run directory (no {CONFIG_FILE}); "
+                              "create one with `gpvae train --out DIR`")
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(raw, dict):
+            raise TypeError("not a JSON object")
+        missing = {f.name for f in fields(TrainConfig)} - raw.keys()
+        if missing:  # the trainer writes every field: this file is someone else's
+            raise TypeError(f"no {', '.join(sorted(missing))}")
+        cfg = TrainConfig(**raw)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
+        raise CheckpointError(f"{path} is not a gpvae run configuration "
+                              f"({describe(exc)})") from None
+    if cfg.dataset not in DATASETS:
+        raise CheckpointError(f"{path} names an unknown data set {cfg.dataset!r} "
+                              f"(known: {', '.join(DATASETS)})")
+    if not isinstance(cfg.model_options, dict):
+        raise CheckpointError(f"{path}: model_options is not a JSON object")
+    if cfg.model in MODELS:  # an unknown model is refused when the run is built
+        try:
+            cfg.model_options = current_options(cfg.model, cfg.model_options)
+        except ConfigError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+    return cfg
+
+
+def build_from_config(cfg: TrainConfig, image_shape):
+    """The (freshly initialised) model a run's configuration describes."""
+    from .models import build_model
+
+    return build_model(cfg.model, image_shape, **cfg.model_options)
+
+
+def load_run(run_dir, which: str = "best", device="cpu"):
+    """(model, TrainConfig) of a finished or running run, weights from best/last checkpoint."""
+    from .checkpoint import load_checkpoint
+    from .data import IMAGE_SHAPES
+
+    cfg = read_config(run_dir)
+    model = build_from_config(cfg, IMAGE_SHAPES[cfg.dataset])
+    name = {"best": BEST, "last": LAST}.get(which)
+    if name is None:
+        raise ConfigError(f"--checkpoint must be 'best' or 'last', got {which!r}")
+    load_checkpoint(Path(run_dir) / name, model)
+    return model.to(device).eval(), cfg
+
+
+def run_test_split(cfg: TrainConfig, data_dir=None, limit_test: int | None = None):
+    """The test images of a run: its data set's test partition, cut from the run's own
+    ``split_seed`` where the data set has none (CelebA), so it never overlaps the run's
+    training or validation images."""
+    from .data import load_splits
+
+    return load_splits(cfg.dataset, data_dir or cfg.data_dir, split_seed=cfg.split_seed,
+                       limit_train=1, limit_test=limit_test).test

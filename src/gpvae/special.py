@@ -140,7 +140,8 @@ def _exact_with_grads(a: torch.Tensor, s2: torch.Tensor, need_grad: bool,
 
     Both series are evaluated branch-free on accelerators.  On CPU the 128-term Poisson
     series (A) is evaluated only on the elements that need it (t < T_SWITCH): in GPVAE
-    training most have s2 << a^2, and skipping (A) there makes this ~10x faster.
+    training most have s2 << a^2, and skipping (A) there saves most of the work (timed
+    once on CPU; the figure belongs in docs/benchmarks.md).
     ``subset`` forces one way or the other (default: subset on CPU)."""
     tab = _tables(a.device, a.dtype)
     a2 = a * a

@@ -1,12 +1,7 @@
 """A plain training loop (in the spirit of nanoGPT): Adam, mini-batches, per-epoch validation.
 
-Run directory layout (``--out``)::
-
-    config.json        the TrainConfig (what to build, which data, which seeds)
-    last.safetensors   model + optimizer + history after the last finished epoch (for --resume)
-    best.safetensors   model at the epoch with the best validation ELBO (what evaluate uses)
-    metrics.csv        one row per epoch
-    tensorboard/       the same metrics, when TensorBoard is installed
+What a run directory (``--out``) holds, the :class:`~gpvae.rundir.TrainConfig` that defines
+a run and how to read a run back are in :mod:`gpvae.rundir`.
 
 Determinism and resume: every epoch reseeds the global RNGs from (seed, epoch) before it
 shuffles, samples or binarizes, and checkpoints are written atomically at the end of each
@@ -20,24 +15,27 @@ import io
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from .checkpoint import (atomic_write_text, load_checkpoint, read_checkpoint,
                          remove_orphan_temps, save_checkpoint)
-from .errors import CheckpointError, ConfigError, DataError, TrainingDivergedError, describe
+from .devices import resolve_device
+from .errors import CheckpointError, ConfigError, DataError, TrainingDivergedError
 from .evaluation import estimate
 from .progress import progress_bar
-from .rundir import (BEST, CONFIG_FILE, LAST, METRICS, RUN_FILES, check_out_path,
-                     locked_run_dir, require_empty)
+from .rundir import (BEST, CONFIG_FILE, LAST, METRICS, RUN_FILES, TrainConfig,
+                     build_from_config, locked_run_dir, read_config, require_empty)
+
 METRIC_FIELDS = ["epoch", "train_objective", "train_rec", "train_kl", "valid_elbo", "seconds"]
 
 
 def make_adam(params, lr: float) -> torch.optim.Adam:
-    """Adam; the fused implementation (one kernel for all parameters: 9 -> 3 ms per GPVAE
-    step at d = 50 on 2 CPU cores) where the device has it.
+    """Adam; the fused implementation (one kernel for all parameters instead of a loop
+    over them; its effect on a GPVAE step is measured in docs/benchmarks.md) where the
+    device has it.
 
     The fused kernel needs each parameter's moment estimates in the parameter's memory
     layout, and on CPU it does not check: moments loaded contiguous (as checkpoints store
@@ -75,59 +73,6 @@ def make_adam(params, lr: float) -> torch.optim.Adam:
     return optimizer
 
 
-@dataclass
-class TrainConfig:
-    """Everything that defines a run.  Defaults follow the paper's Sec. 8 except ``epochs``."""
-
-    out: str = "runs/run"
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    model: str = "vae"
-    model_options: dict = field(default_factory=dict)  # the model config's fields
-    epochs: int = 20  # paper: 2000
-    batch_size: int = 128
-    lr: float = 5e-4
-    seed: int = 0  # initialization, shuffling, sampling
-    split_seed: int = 0  # the train/validation split
-    limit_train: int | None = None
-    limit_test: int | None = None
-    valid_samples: int = 1  # importance samples per validation image for the ELBO
-    device: str = "auto"
-
-    def validate(self) -> None:
-        def positive(name, value, allow_none=False):
-            if value is None and allow_none:
-                return
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                flag = "--" + name.replace("_", "-")
-                raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
-
-        check_out_path(self.out)
-        positive("epochs", self.epochs)
-        positive("batch_size", self.batch_size)
-        positive("valid_samples", self.valid_samples)
-        positive("limit_train", self.limit_train, allow_none=True)
-        positive("limit_test", self.limit_test, allow_none=True)
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"--lr must be a positive number, got {self.lr!r}")
-        resolve_device(self.device)
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU; reject devices that are not present."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device (try cpu, cuda, cuda:0 or auto)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is available (use --device cpu)")
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {name!r} is not supported (cpu, cuda or auto)")
-    return dev
-
-
 def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + 12_345) % (2**63)
 
@@ -147,40 +92,6 @@ def _tensorboard(out: Path):
     except Exception:  # tensorboard not installed: CSV only
         return None
     return SummaryWriter(str(out / "tensorboard"))
-
-
-def read_config(run_dir) -> TrainConfig:
-    """The :class:`TrainConfig` of a run directory; a missing, unreadable or invalid
-    ``config.json`` is a one-line :class:`~gpvae.errors.CheckpointError`."""
-    from .data import DATASETS
-
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{run_dir} is not a gpvae run directory (no {CONFIG_FILE}); "
-                              "create one with `gpvae train --out DIR`")
-    try:
-        raw = json.loads(path.read_bytes().decode("utf-8"))
-        if not isinstance(raw, dict):
-            raise TypeError("not a JSON object")
-        missing = {f.name for f in fields(TrainConfig)} - raw.keys()
-        if missing:  # the trainer writes every field: this file is someone else's
-            raise TypeError(f"no {', '.join(sorted(missing))}")
-        cfg = TrainConfig(**raw)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
-        raise CheckpointError(f"{path} is not a gpvae run configuration "
-                              f"({describe(exc)})") from None
-    if cfg.dataset not in DATASETS:
-        raise CheckpointError(f"{path} names an unknown data set {cfg.dataset!r} "
-                              f"(known: {', '.join(DATASETS)})")
-    if not isinstance(cfg.model_options, dict):
-        raise CheckpointError(f"{path}: model_options is not a JSON object")
-    return cfg
-
-
-def build_from_config(cfg: TrainConfig, image_shape):
-    from .models import build_model
-
-    return build_model(cfg.model, image_shape, **cfg.model_options)
 
 
 def _finite_parameters(model) -> bool:
@@ -344,27 +255,3 @@ def _train_epochs(cfg, model, optimizer, splits, device, out: Path, start_epoch:
     bar.close()
     if writer is not None:
         writer.close()
-
-
-def load_run(run_dir, which: str = "best", device="cpu"):
-    """(model, TrainConfig) of a finished or running run, weights from best/last checkpoint."""
-    cfg = read_config(run_dir)
-    from .data import IMAGE_SHAPES
-
-    model = build_from_config(cfg, IMAGE_SHAPES[cfg.dataset])
-    name = {"best": BEST, "last": LAST}.get(which)
-    if name is None:
-        raise ConfigError(f"--checkpoint must be 'best' or 'last', got {which!r}")
-    load_checkpoint(Path(run_dir) / name, model)
-    return model.to(device).eval(), cfg
-
-
-def run_test_split(cfg: TrainConfig, data_dir=None, limit_test: int | None = None):
-    """The test images of a run: its data set's test partition, cut from the run's own
-    ``split_seed`` where the data set has none (CelebA), so it never overlaps the run's
-    training or validation images."""
-    from .data import load_splits
-
-    return load_splits(cfg.dataset, data_dir or cfg.data_dir, split_seed=cfg.split_seed,
-                       limit_train=1, limit_test=limit_test).test
-

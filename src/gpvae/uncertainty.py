@@ -18,25 +18,27 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_write_text
-from .errors import ConfigError
-from .evaluation import model_device_dtype
+from .devices import model_device_dtype
+from .errors import UnsupportedError
+from .models.base import without_grad
 from .progress import progress_bar
 
 
 def instance_uncertainty(model, data, batch_size: int = 256, device="cpu",
                          progress: bool = True) -> dict[str, torch.Tensor]:
-    """{"tr_f", "tr_h", "total"}: one value per image of ``data`` (an ImageData)."""
-    if not hasattr(model, "uncertainty"):
-        raise ConfigError(f"model {type(model).__name__} has no GP uncertainty "
-                          "(only the GPVAE defines Tr V(f(x)|D), Tr V(h(x)|D))")
+    """{"tr_f", "tr_h", "total"}: one value per image of ``data`` (an ImageData), from
+    ``model.uncertainty`` (:class:`~gpvae.errors.UnsupportedError` for a model without it)."""
+    if not model.supports_uncertainty():
+        raise UnsupportedError(f"model {type(model).__name__} has no per-instance uncertainty "
+                               "(only the GPVAE defines Tr V(f(x)|D), Tr V(h(x)|D))")
     out: dict[str, list] = {"tr_f": [], "tr_h": []}
     bar = progress_bar(len(data), desc="uncertainty", unit="img", enabled=progress)
     with torch.inference_mode():
         for lo in range(0, len(data), batch_size):
             x = data.batch(slice(lo, lo + batch_size)).to(*model_device_dtype(model, device))
-            u = model.uncertainty(x)
+            u = without_grad(model, model.uncertainty, x)
             for k in out:
-                out[k].append(u[k].double().cpu())
+                out[k].append(u[k].detach().double().cpu())
             bar.update(x.shape[0])
     bar.close()
     res = {k: torch.cat(v) for k, v in out.items()}
@@ -88,9 +90,9 @@ def rows_to_csv(rows: list[dict]) -> str:
 
 
 def run_uncertainty(args) -> dict:
-    from .training import load_run, read_config, resolve_device, run_test_split
-
     from .checkpoint import check_output_file
+    from .devices import resolve_device
+    from .rundir import load_run, read_config, run_test_split
 
     device = resolve_device(args.device)
     read_config(args.run_dir)
@@ -98,9 +100,10 @@ def run_uncertainty(args) -> dict:
     if args.png:
         check_output_file(args.png, "--png")
     model, cfg = load_run(args.run_dir, args.checkpoint, device)
-    if not hasattr(model, "uncertainty"):
-        raise ConfigError(f"{args.run_dir} holds a {cfg.model!r} model; uncertainty needs a "
-                          "GPVAE run (train with --model gpvae)")
+    if not model.supports_uncertainty():
+        raise UnsupportedError(f"{args.run_dir} holds a {cfg.model!r} model, which has no "
+                               "per-instance uncertainty; uncertainty needs a GPVAE run "
+                               "(train with --model gpvae)")
     test = run_test_split(cfg, args.data_dir, args.limit_test)
     rows, summary, u = uncertainty_report(model, test, device=device,
                                           gap_samples=args.gap_samples, seed=args.seed,

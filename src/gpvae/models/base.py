@@ -10,34 +10,82 @@ with an inference method that maps a batch x (B, C, H, W) to q(z|x): a
 
 Everything downstream -- the ELBO, the IWAE estimate, timing, plots -- is written once
 against :meth:`LatentVariableModel.posterior`, :meth:`log_prior` and :meth:`log_likelihood`
-(see :mod:`gpvae.evaluation`).  How each coming method fits:
+(see :mod:`gpvae.evaluation`), and tests/test_contract.py checks every registered method
+against it.  How each method fits:
 
 * VAE, GPVAE (moment-matched eq. 13): a diagonal Gaussian, ``Independent(Normal)``.
-* SA(k): ``posterior`` runs k SVI steps from the encoder's output (under
-  ``torch.enable_grad``) and returns the refined Gaussian.
+* SA(k): ``posterior`` runs k SVI steps from the encoder's output and returns the refined
+  Gaussian; it needs autograd, so the class sets ``posterior_needs_grad = True``.
 * IAF / Householder flows: a ``TransformedDistribution`` of the encoder's Gaussian.
 * ME / RME: a ``MixtureSameFamily`` of Gaussians.
-* VLAE: a ``MultivariateNormal`` with the Laplace (full) covariance.
+* VLAE: a ``MultivariateNormal`` with the Laplace (full) covariance (also
+  ``posterior_needs_grad``: the Jacobian of the decoder).
 
 Methods whose *training* objective is not the plain single-sample ELBO (e.g. the GPVAE's
-eq. 15) override :meth:`training_objective`; evaluation never depends on it.
+eq. 15) override :meth:`training_objective`; evaluation never depends on it.  Methods call
+the decoder only through :meth:`decode` / :meth:`log_likelihood` (the contract test swaps in
+a linear decoder whose log p(x) is known).
+
+Gradients inside ``posterior``
+------------------------------
+Evaluation, benchmarks, plots and uncertainty need no gradients and run under
+``torch.inference_mode`` (or ``no_grad``).  A method whose ``posterior`` itself uses autograd
+sets the class attribute ``posterior_needs_grad = True``; such callers then obtain q(z|x)
+through :func:`posterior_without_grad` (or run another method that calls ``posterior``
+through :func:`without_grad`), which switches autograd back on for that call only and
+gives the model a normal tensor (inference-mode tensors cannot enter autograd).
+
+Optional capabilities
+---------------------
+Base-class methods with a default, never probed for by attribute name:
+
+* :meth:`posterior_flops` -- the FLOP floor of one q(z|x) (printed by
+  ``gpvae bench-inference``): a generic count of the layers :meth:`compute_posterior` runs,
+  plus :meth:`extra_posterior_flops`, which a method overrides for arithmetic outside
+  ``nn.Linear`` / convolution layers (and for backward passes inside ``posterior``);
+* :meth:`compute_posterior` -- what "computing q(z|x)" means for timing (Tab. 5);
+* :meth:`uncertainty` and :meth:`fused_encoder` -- raise
+  :class:`~gpvae.errors.UnsupportedError` unless overridden; :meth:`supports_uncertainty`
+  and :meth:`supports_fused_encoder` say whether a class overrides them.
+
+Options
+-------
+A method's config dataclass subclasses :class:`ModelConfig`.  Every field beyond
+ModelConfig's is that method's own option and must be named ``PREFIX_...`` with PREFIX its
+``option_prefix`` (by default the method's registry name; the GPVAE's is ``gp``): the CLI
+merges all methods' options into one set of flags, so names that say their method cannot
+collide (enforced by :func:`gpvae.models.register`).  ``size_option`` names the option that
+a size in the paper's notation sets (``--models sa:2``), and ``renamed_options`` maps former
+option names to current ones (old ``config.json`` files keep loading).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable, ClassVar, TypeVar
 
 import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
-from ..errors import ConfigError
+from ..devices import model_device_dtype
+from ..errors import ConfigError, UnsupportedError
+from ..flops import count_flops
 from ..likelihoods import LIKELIHOODS, make_likelihood
 from ..networks import DECODERS, architecture_for, make_decoder
+
+T = TypeVar("T")
 
 
 @dataclass
 class ModelConfig:
     """Options shared by every method (the generative model)."""
+
+    #: prefix of this method's own option names (``PREFIX_name``); None: the registry name
+    option_prefix: ClassVar[str | None] = None
+    #: the integer option a size in the paper's notation sets (SA(k): the steps k), or None
+    size_option: ClassVar[str | None] = None
+    #: former option names -> current ones, applied to config.json files and keywords
+    renamed_options: ClassVar[dict[str, str]] = {}
 
     latent_dim: int = 10
     likelihood: str = "gaussian"
@@ -64,6 +112,8 @@ class LatentVariableModel(nn.Module):
     """Base class: the generative model plus an abstract inference method."""
 
     config_class = ModelConfig
+    #: whether ``posterior`` itself uses autograd (see "Gradients inside posterior" above)
+    posterior_needs_grad: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig, image_shape: tuple[int, int, int]):
         super().__init__()
@@ -79,6 +129,61 @@ class LatentVariableModel(nn.Module):
     def posterior(self, x: torch.Tensor) -> Distribution:
         """q(z|x) for a batch x (B, C, H, W): batch_shape (B,), event_shape (d,)."""
         raise NotImplementedError
+
+    def compute_posterior(self, x: torch.Tensor) -> Distribution:
+        """q(z|x) with what a user of it needs computed: the work ``gpvae bench-inference``
+        times (paper Tab. 5) and :meth:`posterior_flops` counts.  Default: ``posterior(x)``
+        and its mean and standard deviation; a method whose q has no closed-form moments
+        (a flow) overrides it, e.g. to draw one z ~ q(z|x) and its log density."""
+        q = self.posterior(x)
+        q.mean, q.stddev  # noqa: B018 -- materialised, for methods that compute them lazily
+        return q
+
+    # --- optional capabilities ---------------------------------------------------------
+    def example_input(self, batch_size: int = 1) -> torch.Tensor:
+        """A batch of zero images (batch_size, C, H, W) on the model's device and dtype."""
+        device, dtype = model_device_dtype(self)
+        return torch.zeros(batch_size, *self.image_shape, device=device, dtype=dtype)
+
+    def posterior_flops(self, batch_size: int = 1) -> int:
+        """FLOP floor (2 x multiply-adds) of one :meth:`compute_posterior` for a batch of
+        ``batch_size`` images: the ``nn.Linear`` / ``Conv2d`` / ``ConvTranspose2d`` layers of
+        this model that it runs (forward hooks, :func:`gpvae.flops.count_flops`, on
+        :meth:`example_input`), plus :meth:`extra_posterior_flops`."""
+        x = self.example_input(batch_size)
+        with torch.inference_mode():
+            layers = count_flops(self, lambda: without_grad(self, self.compute_posterior, x))
+        return layers + self.extra_posterior_flops(batch_size)
+
+    def extra_posterior_flops(self, batch_size: int = 1) -> int:
+        """FLOPs of one q(z|x) for ``batch_size`` images that :meth:`posterior_flops`'s layer
+        count does not see: arithmetic outside ``nn.Linear`` / convolution layers (the
+        GPVAE's quadratic forms), and backward passes run inside ``posterior`` (forward
+        hooks see only forward passes).  Default 0."""
+        return 0
+
+    def uncertainty(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-instance uncertainty of the posterior approximation (Sec. 3.3 step 3, 5.3):
+        {"tr_f": Tr V(f(x)|D), "tr_h": Tr V(h(x)|D)}, each (B,).  Only methods whose encoder
+        is a random function define it (:meth:`supports_uncertainty`)."""
+        raise UnsupportedError(f"{type(self).__name__} has no per-instance uncertainty "
+                               "(only the GPVAE defines Tr V(f(x)|D), Tr V(h(x)|D))")
+
+    def fused_encoder(self) -> nn.Module:
+        """A standalone module x -> (mean, variance) of a Gaussian q(z|x), each (B, d), for
+        :mod:`gpvae.export` (:meth:`supports_fused_encoder`)."""
+        raise UnsupportedError(f"{type(self).__name__} has no exportable Gaussian encoder "
+                               "x -> (mean, variance)")
+
+    @classmethod
+    def supports_uncertainty(cls) -> bool:
+        """Whether the class defines :meth:`uncertainty`."""
+        return cls.uncertainty is not LatentVariableModel.uncertainty
+
+    @classmethod
+    def supports_fused_encoder(cls) -> bool:
+        """Whether the class defines :meth:`fused_encoder` (``gpvae export``)."""
+        return cls.fused_encoder is not LatentVariableModel.fused_encoder
 
     # --- the generative model ----------------------------------------------------------
     def prior(self, like: torch.Tensor) -> Distribution:
@@ -111,6 +216,29 @@ class LatentVariableModel(nn.Module):
         rec = self.log_likelihood(x, z)
         kl = kl_to_prior(q, self.prior(z), z)
         return rec - kl, {"rec": rec.mean().detach(), "kl": kl.mean().detach()}
+
+
+def without_grad(model, fn: Callable[[torch.Tensor], T], x: torch.Tensor) -> T:
+    """``fn(x)`` -- ``model.posterior`` or a method that runs it -- for work that needs no
+    gradients, inside the caller's ``torch.inference_mode`` / ``no_grad``.
+
+    Ordinary models: just ``fn(x)``.  A model with ``posterior_needs_grad``: ``fn(x)`` with
+    autograd back on (inference mode off, gradients enabled) and ``x`` a normal tensor (a
+    copy, if it was created in inference mode).  Its results may then hold the graph of
+    that computation (freed with them); what the caller computes from them in its own
+    mode -- samples, densities, numbers it stores -- holds none.
+    """
+    if not model.posterior_needs_grad:
+        return fn(x)
+    with torch.inference_mode(False), torch.enable_grad():
+        if x.is_inference():
+            x = x.clone()
+        return fn(x)
+
+
+def posterior_without_grad(model, x: torch.Tensor) -> Distribution:
+    """q(z|x) for work that needs no gradients: :func:`without_grad` of ``model.posterior``."""
+    return without_grad(model, model.posterior, x)
 
 
 def kl_to_prior(q: Distribution, p: Distribution, z: torch.Tensor) -> torch.Tensor:

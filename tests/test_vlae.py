@@ -1,0 +1,339 @@
+"""VLAE(k), the variational Laplace autoencoder (gpvae.models.vlae), against closed forms,
+finite differences and independently computed Jacobians and Hessians.
+
+Linear-Gaussian decoder: p(z) = N(0, I), x|z ~ N(A z + c, s^2 I), so
+p(x) = N(c, A A^T + s^2 I) and p(z|x) = N(P^{-1} A^T (x - c) / s^2, P^{-1}), P = I + A^T A / s^2:
+one undamped Laplace update is exact, whatever the encoder's start.
+"""
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.distributions import MultivariateNormal
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+from gpvae.errors import ConfigError
+from gpvae.evaluation import estimate
+from gpvae.flops import forward_flops
+from gpvae.models.vlae import VLAE, VLAEConfig, scale_tril_from_precision
+
+# torch's forward-mode AD jit-scripts its JVP decompositions on first use (torch's warning)
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+
+SHAPE = (1, 28, 28)
+D = 784
+SIGMA = 0.5
+
+
+class LinearDecoder(nn.Module):
+    def __init__(self, A, c):
+        super().__init__()
+        self.A, self.c = nn.Parameter(A), nn.Parameter(c)
+
+    def forward(self, z):
+        return (z @ self.A.T + self.c).reshape(*z.shape[:-1], *SHAPE)
+
+
+class TanhDecoder(nn.Module):
+    """A tiny smooth decoder (no ReLU kinks) for finite differences."""
+
+    def __init__(self, d, hidden=3, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w1 = nn.Parameter(torch.randn(hidden, d, generator=g, dtype=torch.float64))
+        self.w2 = nn.Parameter(0.3 * torch.randn(D, hidden, generator=g, dtype=torch.float64))
+
+    def forward(self, z):
+        return (torch.tanh(z @ self.w1.T) @ self.w2.T).reshape(*z.shape[:-1], *SHAPE)
+
+
+def vlae(d=3, seed=0, replace=None, **options):
+    options = {"latent_dim": d, "sigma_x": SIGMA, "decoder": "fc", **options}
+    torch.manual_seed(seed)
+    model = VLAE(VLAEConfig(**options), SHAPE).double()
+    if replace == "linear":
+        g = torch.Generator().manual_seed(seed + 1)
+        A = 0.1 * torch.randn(D, d, generator=g, dtype=torch.float64)
+        c = 0.1 * torch.randn(D, generator=g, dtype=torch.float64)
+        model.decoder = LinearDecoder(A, c)
+    elif replace == "tanh":
+        model.decoder = TanhDecoder(d)
+    return model
+
+
+def sigma_x(model):
+    return model.likelihood.log_sigma.exp().item()
+
+
+def sample_x(model, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, model.latent_dim, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        mean = model.decode(z)
+    return mean + SIGMA * torch.randn(mean.shape, generator=g, dtype=torch.float64)
+
+
+def exact_posterior(model, x):
+    A, c, s = model.decoder.A.detach(), model.decoder.c.detach(), sigma_x(model)
+    prec = torch.eye(A.shape[1], dtype=torch.float64) + A.T @ A / s**2
+    cov = torch.linalg.inv(prec)
+    return (x.flatten(1) - c) @ A @ cov / s**2, cov
+
+
+def exact_log_px(model, x):
+    A, c, s = model.decoder.A.detach(), model.decoder.c.detach(), sigma_x(model)
+    cov = A @ A.T + s**2 * torch.eye(D, dtype=torch.float64)
+    return MultivariateNormal(c, cov).log_prob(x.flatten(1))
+
+
+class Data:
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def batch(self, idx, device=None):
+        return self.x[idx]
+
+
+def jacobian_by_reverse_mode(decoder, mu):
+    """Each instance's decoder Jacobian (B, D, d), by autograd (not the model's code)."""
+    return torch.stack([torch.autograd.functional.jacobian(lambda z: decoder(z).flatten(), m)
+                        for m in mu])
+
+
+# --- exactness on the linear-Gaussian model ---------------------------------------------------
+@pytest.mark.parametrize("likelihood", ["gaussian", "gaussian-learned"])
+def test_one_undamped_step_is_the_exact_posterior_so_iwae_equals_elbo_equals_log_px(likelihood):
+    model = vlae(replace="linear", likelihood=likelihood, vlae_steps=1, vlae_eta=1.0)
+    if likelihood == "gaussian-learned":
+        with torch.no_grad():
+            model.likelihood.log_sigma.fill_(math.log(0.7))  # not the start value
+    x = sample_x(model, 20)
+    model.eval()
+    q = model.posterior(x)
+    mean, cov = exact_posterior(model, x)
+    torch.testing.assert_close(q.mean, mean, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(q.covariance_matrix, cov.expand(20, -1, -1), rtol=1e-9, atol=1e-12)
+    # every importance weight equals p(x): IWAE = ELBO = log p(x), through gpvae.evaluation
+    # (which runs under torch.inference_mode)
+    est = estimate(model, Data(x), samples=16, progress=False)
+    exact = exact_log_px(model, x)
+    torch.testing.assert_close(est.iwae, exact, rtol=0, atol=1e-7)
+    torch.testing.assert_close(est.elbo, exact, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("schedule", ["harmonic", "constant"])
+def test_damped_updates_follow_the_schedule(schedule):
+    """Linear decoder: mu* is the exact posterior mean m at every step, so
+    mu_k - m = prod_t (1 - eta_t) (mu_0 - m), eta_t = eta_0 / (t + 1) or eta_0."""
+    k, eta0 = 3, 0.5
+    model = vlae(replace="linear", vlae_steps=k, vlae_eta=eta0, vlae_schedule=schedule)
+    x = sample_x(model, 5)
+    with torch.no_grad():
+        mu0 = model.encoder(x)
+        mu_k, _ = model.laplace(x, mu0)
+    m, _ = exact_posterior(model, x)
+    etas = [eta0 / (t + 1) if schedule == "harmonic" else eta0 for t in range(k)]
+    factor = math.prod(1 - e for e in etas)
+    torch.testing.assert_close(mu_k - m, factor * (mu0 - m), rtol=1e-8, atol=1e-10)
+
+
+# --- the Jacobian, the precision, q ----------------------------------------------------------
+@pytest.mark.parametrize("decoder", ["fc", "conv"])
+def test_jacobian_matches_finite_differences(decoder):
+    d, b, h = 3, 2, 1e-6
+    model = vlae(d=d, decoder=decoder)
+    mu = torch.randn(b, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        jac, out = model.linearize(mu)
+        assert jac.shape == (b, D, d) and out.shape == (b, D)
+        torch.testing.assert_close(out, model.decode(mu).flatten(1), rtol=1e-12, atol=1e-12)
+        for j in range(d):
+            e = torch.zeros(d, dtype=torch.float64)
+            e[j] = h
+            fd = (model.decode(mu + e) - model.decode(mu - e)).flatten(1) / (2 * h)
+            torch.testing.assert_close(jac[..., j], fd, rtol=1e-6, atol=1e-7)
+    if decoder == "conv":  # the channels-last switch is put back
+        assert model.decoder.channels_last is True
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "gaussian-learned", "bernoulli"])
+def test_covariance_is_the_inverse_laplace_precision_at_the_final_mean(likelihood):
+    """q = N(mu_k, Lambda^-1), Lambda = I + J^T W J at mu_k: W = I / s^2 (Gaussian) or
+    Diag(s (1 - s)) with s = sigmoid(f(mu_k)) (Bernoulli, Gauss-Newton); J by reverse mode."""
+    model = vlae(d=3, likelihood=likelihood, vlae_steps=2)
+    if likelihood == "gaussian-learned":
+        with torch.no_grad():
+            model.likelihood.log_sigma.fill_(math.log(0.3))
+    x = sample_x(model, 3).clamp(0, 1)
+    if likelihood == "bernoulli":
+        x = torch.bernoulli(x, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    q = model.posterior(x)
+    mu = q.mean
+    with torch.no_grad():
+        jac = jacobian_by_reverse_mode(model.decoder, mu)
+        if likelihood == "bernoulli":
+            s = torch.sigmoid(model.decode(mu).flatten(1))
+            weight = (s * (1 - s)).unsqueeze(-1)
+        else:
+            weight = 1 / sigma_x(model) ** 2
+        prec = torch.eye(3, dtype=torch.float64) + jac.transpose(1, 2) @ (weight * jac)
+    cov = torch.linalg.inv(prec)
+    torch.testing.assert_close(q.covariance_matrix, cov, rtol=1e-8, atol=1e-12)
+    # a valid scale_tril (lower triangular, positive diagonal), and log q right
+    tril = q.scale_tril
+    assert torch.equal(tril, torch.tril(tril)) and (torch.diagonal(tril, 0, -2, -1) > 0).all()
+    z = q.sample((4,))
+    torch.testing.assert_close(q.log_prob(z), MultivariateNormal(mu, cov).log_prob(z),
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_scale_tril_from_precision():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 5, 5, generator=g, dtype=torch.float64)
+    prec = torch.eye(5, dtype=torch.float64) + a @ a.transpose(1, 2)
+    s = scale_tril_from_precision(prec)
+    assert torch.equal(s, torch.tril(s))
+    torch.testing.assert_close(s @ s.transpose(1, 2), torch.linalg.inv(prec))
+
+
+def test_bernoulli_gauss_newton_is_the_exact_hessian_and_newton_finds_the_mode():
+    """Linear logits: J^T Diag(s(1-s)) J is the exact Hessian of -log p(x|z), so Lambda is
+    the Hessian of -log p(x, z) at mu_k, and undamped updates converge to its mode."""
+    model = vlae(d=3, replace="linear", likelihood="bernoulli", vlae_steps=12, vlae_eta=1.0,
+                 vlae_schedule="constant")
+    x = torch.bernoulli(torch.full((3, *SHAPE), 0.3, dtype=torch.float64),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mu, prec = model.laplace(x, model.encoder(x))
+
+    def neg_log_joint(z):
+        return -(model.log_likelihood(x[i:i + 1], z[None]) + model.log_prior(z[None])).sum()
+
+    for i in range(3):
+        hess = torch.autograd.functional.hessian(neg_log_joint, mu[i])
+        torch.testing.assert_close(prec[i], hess, rtol=1e-9, atol=1e-9)
+        grad = torch.autograd.functional.jacobian(neg_log_joint, mu[i])
+        assert grad.abs().max() < 1e-8
+
+
+def test_an_instance_gets_the_same_q_alone_or_in_a_batch():
+    model = vlae(d=3, vlae_steps=2).eval()
+    x = sample_x(model, 4)
+    q = model.posterior(x)
+    for b in range(4):
+        qb = model.posterior(x[b:b + 1])
+        torch.testing.assert_close(qb.mean, q.mean[b:b + 1], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(qb.scale_tril, q.scale_tril[b:b + 1], rtol=1e-10, atol=1e-12)
+
+
+# --- gradients through the updates -------------------------------------------------------------
+def test_gradient_through_the_updates_matches_finite_differences():
+    """(mu_k, Lambda_k) as functions of mu_0, a decoder weight and a learned log sigma_x."""
+    d = 2
+    model = vlae(d=d, replace="tanh", likelihood="gaussian-learned", vlae_steps=2)
+    model.train()
+    x = sample_x(model, 2)
+
+    class Laplace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, mu0):
+            return model.laplace(x, mu0)
+
+    def f(mu0, w1, log_sigma):
+        return torch.func.functional_call(
+            Laplace(), {"model.decoder.w1": w1, "model.likelihood.log_sigma": log_sigma}, (mu0,))
+
+    mu0 = 0.5 * torch.randn(2, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    inputs = (mu0, model.decoder.w1.detach().clone(), model.likelihood.log_sigma.detach().clone())
+    inputs = tuple(t.requires_grad_() for t in inputs)
+    # fast mode: one random projection of the Jacobian (a full check costs 12 x 11 passes)
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+
+
+@pytest.mark.parametrize("decoder, likelihood", [
+    ("fc", "gaussian-learned"), ("fc", "bernoulli"), ("conv", "gaussian"),
+])
+def test_trains_and_evaluates_with_fc_and_conv_decoders(decoder, likelihood):
+    torch.manual_seed(0)
+    model = VLAE(VLAEConfig(latent_dim=3, decoder=decoder, likelihood=likelihood,
+                            vlae_steps=2), SHAPE)
+    x = model.likelihood.prepare(torch.rand(3, *SHAPE, generator=torch.Generator().manual_seed(0)))
+    obj, _ = model.training_objective(x, 100)
+    assert obj.shape == (3,) and torch.isfinite(obj).all()
+    obj.sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    model.eval()
+    with torch.inference_mode():
+        q = model.posterior(x)
+        z = q.sample((5,))
+        log_q = q.log_prob(z)
+    assert q.batch_shape == (3,) and q.event_shape == (3,) and z.shape == (5, 3, 3)
+    assert torch.isfinite(log_q).all()
+    with torch.enable_grad():  # eval mode, a caller with gradients on: no graph kept
+        q_grad = model.posterior(x)
+    assert q_grad.mean.grad_fn is None and q_grad.scale_tril.grad_fn is None
+    with torch.no_grad():  # the same q with or without autograd
+        model.train()
+        torch.testing.assert_close(model.posterior(x).mean, q.mean)
+    if decoder == "conv":
+        assert model.decoder.channels_last is True
+
+
+# --- options and cost ----------------------------------------------------------------------
+@pytest.mark.parametrize("option, value, flag", [
+    ("vlae_steps", 0, "--vlae-steps"), ("vlae_steps", 2.0, "--vlae-steps"),
+    ("vlae_eta", 0.0, "--vlae-eta"), ("vlae_eta", 1.5, "--vlae-eta"),
+    ("vlae_schedule", "cosine", "--vlae-schedule"),
+])
+def test_bad_options_name_their_flag(option, value, flag):
+    with pytest.raises(ConfigError, match=flag):
+        VLAE(VLAEConfig(latent_dim=2, **{option: value}), SHAPE)
+
+
+def test_size_option_is_the_number_of_updates():
+    assert VLAEConfig.size_option == "vlae_steps"
+    assert VLAE.posterior_needs_grad is True
+
+
+class _CountFlops(TorchDispatchMode):
+    """Matrix-product and convolution FLOPs (PyTorch's own formulas) of every op run."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func._overloadpacket in flop_registry:
+            self.total += flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
+        return out
+
+
+def test_extra_posterior_flops_counts_the_products():
+    """The posterior's matrix products = encoder forward + (k + 1) decoder forwards (plain
+    module passes) + the products of extra_posterior_flops (its Cholesky and triangular-solve
+    terms are not matrix products) + PyTorch's wasted zero-tangent product per layer."""
+    k, b, d = 2, 3, 4
+    model = VLAE(VLAEConfig(latent_dim=d, vlae_steps=k, decoder="fc"), SHAPE).eval()
+    x = torch.rand(b, *SHAPE)
+    with _CountFlops() as counter:
+        model.posterior(x)
+    dec = forward_flops(model.decoder, torch.zeros(b, d))
+    plain = forward_flops(model.encoder, x) + (k + 1) * dec
+    factorizations = b * (k * (d**3 // 3 + 2 * d * d) + d**3 // 3 + d**3)
+    products = model.extra_posterior_flops(b) - factorizations
+    assert products == b * ((k + 1) * (d * dec // b + 2 * D * d * d) + k * 2 * D * d)
+    assert counter.total - plain - products in (0, (k + 1) * dec)
+    if hasattr(model, "posterior_flops"):  # the base class's generic count sees the rest
+        assert model.posterior_flops(b) == plain + model.extra_posterior_flops(b)
