@@ -132,6 +132,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     # options and data fail before a directory is created.
     torch.manual_seed(cfg.seed)
     model = build_from_config(cfg, IMAGE_SHAPES[cfg.dataset]).to(device)
+    warning = model.training_plan_warning(cfg.epochs)
+    if warning:
+        log(f"warning: {warning}")
     splits = load_splits(cfg.dataset, cfg.data_dir, split_seed=cfg.split_seed,
                          limit_train=cfg.limit_train, limit_test=cfg.limit_test)
     if len(splits.train) < 1 or len(splits.valid) < 1:

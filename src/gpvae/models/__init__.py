@@ -16,13 +16,15 @@ from ..errors import ConfigError
 from .base import LatentVariableModel, ModelConfig
 from .gpvae import GPVAE, GPVAEConfig
 from .hf import HF, HFConfig
+from .iaf import IAF, IAFConfig
 from .me import ME, MEConfig
+from .rme import RME, RMEConfig
 from .sa import SA, SAConfig
 from .vae import VAE, VAEConfig
 from .vlae import VLAE, VLAEConfig
 
 MODELS: dict[str, type[LatentVariableModel]] = {
-    "vae": VAE, "gpvae": GPVAE, "sa": SA, "hf": HF, "me": ME, "vlae": VLAE}
+    "vae": VAE, "gpvae": GPVAE, "sa": SA, "hf": HF, "iaf": IAF, "me": ME, "rme": RME, "vlae": VLAE}
 
 
 def own_options(cls: type[LatentVariableModel]) -> list[str]:
@@ -149,7 +151,7 @@ def run_dir_name(label: str) -> str:
     return label.replace(":", "-")
 
 
-__all__ = ["MODELS", "GPVAE", "GPVAEConfig", "HF", "HFConfig", "LatentVariableModel", "ME",
-           "MEConfig", "ModelConfig", "SA", "SAConfig", "VAE", "VAEConfig", "VLAE", "VLAEConfig", "build_model", "check_options", "current_options", "model_class",
+__all__ = ["MODELS", "GPVAE", "GPVAEConfig", "HF", "HFConfig", "IAF", "IAFConfig", "LatentVariableModel", "ME",
+           "MEConfig", "ModelConfig", "RME", "RMEConfig", "SA", "SAConfig", "VAE", "VAEConfig", "VLAE", "VLAEConfig", "build_model", "check_options", "current_options", "model_class",
            "own_options", "parse_model_list", "parse_model_spec", "register", "run_dir_name",
            "spec_label"]

@@ -162,6 +162,12 @@ class LatentVariableModel(nn.Module):
         hooks see only forward passes).  Default 0."""
         return 0
 
+    def training_plan_warning(self, epochs: int) -> str | None:
+        """A one-line warning when a run of ``epochs`` epochs ends before this method's own
+        schedule is complete (e.g. RME's stages: the run can still be resumed to more
+        epochs), else None; the trainer prints it before any work.  Default: None."""
+        return None
+
     def uncertainty(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-instance uncertainty of the posterior approximation (Sec. 3.3 step 3, 5.3):
         {"tr_f": Tr V(f(x)|D), "tr_h": Tr V(h(x)|D)}, each (B,).  Only methods whose encoder
