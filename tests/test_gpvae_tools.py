@@ -299,6 +299,21 @@ class _SleepyModel(LatentVariableModel):
         return self.scale * x.new_ones(x.shape[0]), {}
 
 
+def test_bench_inference_decoder_flag_reaches_the_models():
+    """--decoder fc builds every model with the FC decoder (VLAE's floor depends on it: its
+    Jacobian runs through the decoder), and GFLOP/s is the floor over the measured time."""
+    r = _cli("bench-inference", "--models", "vae,vlae:1", "--decoder", "fc", "--latent-dim",
+             "2", "--limit-test", "128", "--repeats", "1", "--json", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["decoder"] == "fc"
+    vlae = out["models"]["vlae:1"]
+    fc = build_model("vlae", (1, 28, 28), latent_dim=2, decoder="fc").posterior_flops(1)
+    conv = build_model("vlae", (1, 28, 28), latent_dim=2).posterior_flops(1)
+    assert vlae["flops_per_image"] == fc != conv
+    assert vlae["gflops_per_s"] == pytest.approx(fc * 128 / vlae["ms_per_batch"] / 1e6)
+
+
 def test_bench_times_are_per_batch_and_per_step(monkeypatch):
     """bench-inference and bench-train on models of known speed (20 and 60 ms per call):
     milliseconds per batch of q(z|x) over 3 batches (300 images) and per training step over
@@ -308,8 +323,9 @@ def test_bench_times_are_per_batch_and_per_step(monkeypatch):
 
     ms = {"vae": 20, "gpvae": 60}
     monkeypatch.setattr(bench, "build_model",
-                        lambda name, shape, latent_dim: _SleepyModel(ms[name], latent_dim))
+                        lambda name, shape, latent_dim, **_: _SleepyModel(ms[name], latent_dim))
     args = SimpleNamespace(device="cpu", models="gpvae", dataset="mnist", data_dir=None,
+                           decoder="conv",
                            batch_size=128, limit_test=300, latent_dim=2, repeats=3, steps=3,
                            json=True, profile=False)
     out = bench.bench_inference(args)

@@ -111,6 +111,7 @@ def test_bench_timing_and_flop_floor_of_a_grad_needing_posterior(monkeypatch):
     assert model.posterior_flops(3) == 3 * model.posterior_flops(1)
     monkeypatch.setitem(MODELS, "gradstep", GradStepVAE)
     args = SimpleNamespace(device="cpu", models="gradstep", dataset="mnist", data_dir=None,
+                           decoder="conv",
                            batch_size=8, limit_test=16, latent_dim=2, repeats=1, json=True,
                            profile=False)
     res = bench.bench_inference(args)["models"]
@@ -313,6 +314,7 @@ def test_sizes_reach_the_models_in_bench_inference_and_bench_train(monkeypatch):
 
     monkeypatch.setattr(bench, "build_model", spy)
     args = SimpleNamespace(device="cpu", models="toy:2,toy:3", dataset="mnist", data_dir=None,
+                           decoder="conv",
                            batch_size=8, limit_test=8, latent_dim=2, repeats=1, steps=1,
                            json=True, profile=False)
     assert list(bench.bench_inference(args)["models"]) == ["vae", "toy:2", "toy:3"]

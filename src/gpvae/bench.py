@@ -185,7 +185,7 @@ def bench_inference(args) -> dict:
     for name, (method, options) in specs.items():
         torch.manual_seed(0)
         model = build_model(method, IMAGE_SHAPES[args.dataset], latent_dim=args.latent_dim,
-                            **options)
+                            decoder=args.decoder, **options)
         models[name] = model.to(device).eval()
         passes[name] = _posterior_pass(models[name], batches)
         passes[name]()  # warm-up
@@ -202,21 +202,25 @@ def bench_inference(args) -> dict:
     for r in results.values():
         r["ratio_to_vae"] = r["ms_per_batch"] / vae["ms_per_batch"]
         r["flop_ratio_to_vae"] = _ratio(r["flops_per_image"], vae["flops_per_image"])
+        r["gflops_per_s"] = r["flops_per_image"] * args.batch_size / r["ms_per_batch"] / 1e6
     out = {"device": str(device), "threads": torch.get_num_threads(), "dataset": args.dataset,
+           "decoder": args.decoder,
            "latent_dim": args.latent_dim, "batch_size": args.batch_size,
            "batches": len(batches), "repeats": args.repeats, "models": results}
     if args.json:
         print(json.dumps(out))
     else:
         print(f"q(z|x) inference time per batch of {args.batch_size}, {args.dataset} test set "
-              f"({len(batches)} batches), d={args.latent_dim}, {device} "
+              f"({len(batches)} batches), d={args.latent_dim}, {out['decoder']} decoder, {device} "
               f"({out['threads']} threads), mean of {args.repeats} passes after a warm-up")
         print(f"{'model':<10} {'ms/batch':>9} {'ratio to VAE':>13} {'MFLOP/image':>12} "
-              f"{'FLOP floor ratio':>17}")
+              f"{'FLOP floor ratio':>17} {'GFLOP/s':>8}")
         for name, r in results.items():
             print(f"{name:<10} {r['ms_per_batch']:>9.2f} {r['ratio_to_vae']:>13.2f} "
-                  f"{r['flops_per_image'] / 1e6:>12.2f} {r['flop_ratio_to_vae']:>17.2f}")
-        print("(MFLOP/image: the FLOP floor of one q(z|x), 2 x multiply-adds)")
+                  f"{r['flops_per_image'] / 1e6:>12.2f} {r['flop_ratio_to_vae']:>17.2f} "
+                  f"{r['gflops_per_s']:>8.1f}")
+        print("(MFLOP/image: the FLOP floor of one q(z|x), 2 x multiply-adds; GFLOP/s: that "
+              "floor over the measured time, i.e. the rate the method achieves)")
         if args.profile:
             _print_profile(passes, device)
     return out
@@ -249,7 +253,7 @@ def bench_train(args) -> dict:
     for name, (method, options) in specs.items():
         torch.manual_seed(0)
         model = build_model(method, IMAGE_SHAPES[args.dataset], latent_dim=args.latent_dim,
-                            **options)
+                            decoder=args.decoder, **options)
         models[name] = model = model.to(device).train()
         runs[name] = make_steps(model, make_adam(model.parameters(), lr=5e-4))
         runs[name]()  # warm-up

@@ -250,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--profile", action="store_true",
                        help="after timing, run each model once more under torch.profiler and "
                        "print where its time goes (operators by self time); not with --json")
+        p.add_argument("--decoder", choices=sorted(DECODERS), default="conv",
+                       help="conv (Tab. 6-8, default) or fc (Sec. 11: the paper's Tab. 10-11 "
+                       "setting, e.g. for VLAE)")
         if cmd == "bench-inference":
             p.add_argument("--limit-test", type=positive_int, help="default: the whole test set")
         else:
