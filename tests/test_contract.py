@@ -38,6 +38,7 @@ from gpvae.data import ImageData
 from gpvae.evaluation import estimate, log_weights
 from gpvae.models import MODELS, build_model
 from gpvae.models.vae import VAE
+from helpers import LinearDecoder
 
 SHAPE = (1, 28, 28)
 PIXELS = 784
@@ -133,18 +134,6 @@ def check_estimate_runs(name, options):
     assert est.iwae.shape == est.elbo.shape == (5,)
     assert torch.isfinite(est.iwae).all() and torch.isfinite(est.elbo).all()
     assert (est.iwae >= est.elbo - 1e-9).all()  # Jensen, on the same weights
-
-
-class LinearDecoder(nn.Module):
-    """g(z) = A z + b, reshaped to an image."""
-
-    def __init__(self, A, b):
-        super().__init__()
-        self.register_buffer("A", A)
-        self.register_buffer("b", b)
-
-    def forward(self, z):
-        return (z @ self.A.T + self.b).reshape(*z.shape[:-1], *SHAPE)
 
 
 @functools.lru_cache(maxsize=None)

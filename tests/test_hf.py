@@ -25,19 +25,9 @@ from gpvae.errors import ConfigError
 from gpvae.evaluation import estimate, log_weights
 from gpvae.models.hf import HF, HFConfig
 from gpvae.networks import GaussianEncoder
+from helpers import Data, LinearDecoder, images
 
 SHAPE = (1, 28, 28)
-
-
-class Data:
-    def __init__(self, x):
-        self.x = x
-
-    def __len__(self):
-        return self.x.shape[0]
-
-    def batch(self, idx, device=None):
-        return self.x[idx]
 
 
 def make_model(d=4, k=3, seed=0, dtype=torch.float64):
@@ -49,10 +39,6 @@ def make_model(d=4, k=3, seed=0, dtype=torch.float64):
             layer.weight.mul_(3.0)
             layer.bias.normal_()
     return model
-
-
-def images(n, seed=1, dtype=torch.float64):
-    return torch.rand(n, *SHAPE, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 def reference(model, x):
@@ -202,16 +188,6 @@ def test_kl_is_the_closed_form_and_the_objective_is_the_elbo():
 
 
 # --- IWAE -------------------------------------------------------------------------------
-class LinearDecoder(nn.Module):
-    def __init__(self, A, b):
-        super().__init__()
-        self.register_buffer("A", A)
-        self.register_buffer("b", b)
-
-    def forward(self, z):
-        return (z @ self.A.T + self.b).reshape(*z.shape[:-1], *SHAPE)
-
-
 def test_iwae_runs_through_evaluation_and_is_above_the_elbo():
     torch.manual_seed(0)
     model = HF(HFConfig(latent_dim=3, hf_flows=2), SHAPE)

@@ -20,6 +20,7 @@ from gpvae.evaluation import estimate
 from gpvae.models import MODELS, parse_model_spec
 from gpvae.models.iaf import IAF, IAFConfig, IAFPosterior
 from gpvae.models.vae import VAE, VAEConfig
+from helpers import images
 
 SHAPE = (1, 28, 28)
 F64 = torch.float64
@@ -39,10 +40,6 @@ def make_model(d=4, k=2, ctx=3, hidden=8, seed=0, dtype=F64):
                 layer.bias.copy_(torch.randn(layer.bias.shape, generator=g, dtype=dtype))
         model.context.bias.copy_(torch.randn(ctx, generator=g, dtype=dtype))
     return model
-
-
-def images(n, seed=1, dtype=F64):
-    return torch.rand(n, *SHAPE, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 def parts(model, x):

@@ -19,24 +19,10 @@ from gpvae.errors import ConfigError
 from gpvae.evaluation import estimate
 from gpvae.models.me import ME, GaussianMixture, MEConfig
 from gpvae.models.vae import VAE, VAEConfig
+from helpers import Data, LinearDecoder, images
 
 SHAPE = (1, 28, 28)
 LOG_2PI = math.log(2 * math.pi)
-
-
-class Data:
-    def __init__(self, x):
-        self.x = x
-
-    def __len__(self):
-        return self.x.shape[0]
-
-    def batch(self, idx, device=None):
-        return self.x[idx]
-
-
-def images(n, seed=1, dtype=torch.float64):
-    return torch.rand(n, *SHAPE, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 def make_model(d=2, m=3, seed=0, dtype=torch.float64, spread=2.0):
@@ -224,16 +210,6 @@ def test_gradient_reaches_alpha_and_matches_finite_differences():
 
 
 # --- linear-Gaussian model: log p(x) and ELBO(q) known --------------------------------
-class LinearDecoder(nn.Module):
-    def __init__(self, A, b):
-        super().__init__()
-        self.register_buffer("A", A)
-        self.register_buffer("b", b)
-
-    def forward(self, z):
-        return (z @ self.A.T + self.b).reshape(*z.shape[:-1], *SHAPE)
-
-
 SIGMA = 1.0
 
 

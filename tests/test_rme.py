@@ -18,24 +18,10 @@ from gpvae.evaluation import estimate
 from gpvae.models.me import GaussianMixture
 from gpvae.models.rme import RME, RMEConfig, mixture_log_weights
 from gpvae.models.vae import VAE, VAEConfig
+from helpers import Data, images
 
 SHAPE = (1, 28, 28)
 LOG_2PI = math.log(2 * math.pi)
-
-
-class Data:
-    def __init__(self, x):
-        self.x = x
-
-    def __len__(self):
-        return self.x.shape[0]
-
-    def batch(self, idx, device=None):
-        return self.x[idx]
-
-
-def images(n, seed=1, dtype=torch.float64):
-    return torch.rand(n, *SHAPE, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 def make_model(d=2, m=3, stage=None, seed=0, spread=2.0, **options):

@@ -21,32 +21,12 @@ from gpvae.evaluation import estimate
 from gpvae.flops import forward_flops
 from gpvae.models.sa import SA, SAConfig
 from gpvae.models.vae import VAE, VAEConfig
+from helpers import TanhDecoder
+from helpers import TrainableLinearDecoder as LinearDecoder
 
 SHAPE = (1, 28, 28)
 D = 784
 SIGMA = 0.5
-
-
-class LinearDecoder(nn.Module):
-    def __init__(self, A, c):
-        super().__init__()
-        self.A, self.c = nn.Parameter(A), nn.Parameter(c)
-
-    def forward(self, z):
-        return (z @ self.A.T + self.c).reshape(*z.shape[:-1], *SHAPE)
-
-
-class TanhDecoder(nn.Module):
-    """A tiny smooth decoder (no ReLU kinks) for finite differences."""
-
-    def __init__(self, d, hidden=3, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.w1 = nn.Parameter(torch.randn(hidden, d, generator=g, dtype=torch.float64))
-        self.w2 = nn.Parameter(0.3 * torch.randn(D, hidden, generator=g, dtype=torch.float64))
-
-    def forward(self, z):
-        return (torch.tanh(z @ self.w1.T) @ self.w2.T).reshape(*z.shape[:-1], *SHAPE)
 
 
 def linear_sa(d=3, scale=0.05, seed=0, **options):
@@ -71,7 +51,7 @@ def sample_x(model, n, seed=0):
 
 def exact_elbo(model, x, mu, logvar):
     """Closed-form ELBO of N(mu, diag exp(logvar)) under the linear-Gaussian decoder."""
-    A, c, s = model.decoder.A, model.decoder.c, sigma_x(model)
+    A, c, s = model.decoder.A, model.decoder.b, sigma_x(model)
     resid = x.flatten(1) - mu @ A.T - c
     rec = -(resid.square().sum(-1) + logvar.exp() @ A.square().sum(0)) / (2 * s**2)
     rec = rec - D * (math.log(s) + 0.5 * math.log(2 * math.pi))
@@ -94,7 +74,7 @@ def reference_refine(model, x, mu, logvar, noise, lr, momentum, clip):
     """The update written out by hand, with the linear-Gaussian ELBO's analytic gradient:
     z = mu + sigma eps, r = A^T (x - c - A z) / s^2,
     df/dmu = r - mu,  df/dlogvar = r * sigma * eps / 2 - (sigma^2 - 1) / 2."""
-    A, c = model.decoder.A.detach(), model.decoder.c.detach()
+    A, c = model.decoder.A.detach(), model.decoder.b.detach()
     v_mu = torch.zeros_like(mu)
     v_lv = torch.zeros_like(logvar)
     for eps in noise:
@@ -197,7 +177,7 @@ def test_refined_elbo_is_higher_than_the_amortized_one():
     torch.manual_seed(0)
     q = model.posterior(x)
     after = exact_elbo(model, x, q.base_dist.loc, 2 * q.base_dist.scale.log())
-    A, c = model.decoder.A.detach(), model.decoder.c.detach()
+    A, c = model.decoder.A.detach(), model.decoder.b.detach()
     prec = torch.eye(3, dtype=torch.float64) + A.T @ A / sigma_x(model)**2
     m = (x.flatten(1) - c) @ A @ torch.linalg.inv(prec) / sigma_x(model)**2
     best = exact_elbo(model, x, m, -torch.log(torch.diagonal(prec)).expand_as(m))

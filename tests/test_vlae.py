@@ -18,6 +18,8 @@ from gpvae.errors import ConfigError
 from gpvae.evaluation import estimate
 from gpvae.flops import forward_flops
 from gpvae.models.vlae import VLAE, VLAEConfig, scale_tril_from_precision
+from helpers import Data, TanhDecoder
+from helpers import TrainableLinearDecoder as LinearDecoder
 
 # torch's forward-mode AD jit-scripts its JVP decompositions on first use (torch's warning)
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
@@ -25,28 +27,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated
 SHAPE = (1, 28, 28)
 D = 784
 SIGMA = 0.5
-
-
-class LinearDecoder(nn.Module):
-    def __init__(self, A, c):
-        super().__init__()
-        self.A, self.c = nn.Parameter(A), nn.Parameter(c)
-
-    def forward(self, z):
-        return (z @ self.A.T + self.c).reshape(*z.shape[:-1], *SHAPE)
-
-
-class TanhDecoder(nn.Module):
-    """A tiny smooth decoder (no ReLU kinks) for finite differences."""
-
-    def __init__(self, d, hidden=3, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.w1 = nn.Parameter(torch.randn(hidden, d, generator=g, dtype=torch.float64))
-        self.w2 = nn.Parameter(0.3 * torch.randn(D, hidden, generator=g, dtype=torch.float64))
-
-    def forward(self, z):
-        return (torch.tanh(z @ self.w1.T) @ self.w2.T).reshape(*z.shape[:-1], *SHAPE)
 
 
 def vlae(d=3, seed=0, replace=None, **options):
@@ -76,27 +56,16 @@ def sample_x(model, n, seed=0):
 
 
 def exact_posterior(model, x):
-    A, c, s = model.decoder.A.detach(), model.decoder.c.detach(), sigma_x(model)
+    A, c, s = model.decoder.A.detach(), model.decoder.b.detach(), sigma_x(model)
     prec = torch.eye(A.shape[1], dtype=torch.float64) + A.T @ A / s**2
     cov = torch.linalg.inv(prec)
     return (x.flatten(1) - c) @ A @ cov / s**2, cov
 
 
 def exact_log_px(model, x):
-    A, c, s = model.decoder.A.detach(), model.decoder.c.detach(), sigma_x(model)
+    A, c, s = model.decoder.A.detach(), model.decoder.b.detach(), sigma_x(model)
     cov = A @ A.T + s**2 * torch.eye(D, dtype=torch.float64)
     return MultivariateNormal(c, cov).log_prob(x.flatten(1))
-
-
-class Data:
-    def __init__(self, x):
-        self.x = x
-
-    def __len__(self):
-        return len(self.x)
-
-    def batch(self, idx, device=None):
-        return self.x[idx]
 
 
 def jacobian_by_reverse_mode(decoder, mu):

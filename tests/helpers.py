@@ -1,0 +1,66 @@
+"""Small stand-ins shared by the per-method tests (imported as ``helpers``: pytest puts
+tests/ on sys.path)."""
+import torch
+from torch import nn
+
+SHAPE = (1, 28, 28)
+D = 28 * 28
+
+
+class Data:
+    """A tensor of images with the two methods of :class:`gpvae.data.ImageData` that
+    evaluation uses (``len`` and ``batch``), so float64 images can be scored as they are."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return self.x.shape[0]
+
+    def batch(self, idx, device=None):
+        return self.x[idx]
+
+
+def images(n, seed=1, dtype=torch.float64, shape=SHAPE):
+    """n uniform random images, reproducible from ``seed``."""
+    return torch.rand(n, *shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+class LinearDecoder(nn.Module):
+    """g(z) = A z + b reshaped to an image (fixed: A and b are buffers).  With p(z) = N(0, I)
+    and a Gaussian likelihood, p(x) = N(b, A Aᵀ + σ² I) and p(z|x) are known in closed form."""
+
+    def __init__(self, A, b, shape=SHAPE):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.register_buffer("A", A)
+        self.register_buffer("b", b)
+
+    def forward(self, z):
+        return (z @ self.A.T + self.b).reshape(*z.shape[:-1], *self.shape)
+
+
+class TrainableLinearDecoder(LinearDecoder):
+    """:class:`LinearDecoder` with A and b as parameters (for gradient checks)."""
+
+    def __init__(self, A, b, shape=SHAPE):
+        nn.Module.__init__(self)
+        self.shape = tuple(shape)
+        self.A, self.b = nn.Parameter(A), nn.Parameter(b)
+
+
+class TanhDecoder(nn.Module):
+    """A tiny smooth decoder (no ReLU kinks) for finite differences, float64."""
+
+    def __init__(self, d, hidden=3, seed=0, shape=SHAPE):
+        super().__init__()
+        self.shape = tuple(shape)
+        g = torch.Generator().manual_seed(seed)
+        n_out = 1
+        for s in self.shape:
+            n_out *= s
+        self.w1 = nn.Parameter(torch.randn(hidden, d, generator=g, dtype=torch.float64))
+        self.w2 = nn.Parameter(0.3 * torch.randn(n_out, hidden, generator=g, dtype=torch.float64))
+
+    def forward(self, z):
+        return (torch.tanh(z @ self.w1.T) @ self.w2.T).reshape(*z.shape[:-1], *self.shape)
