@@ -341,3 +341,26 @@ def test_a_run_too_short_to_reach_the_last_stage_is_warned_about(tmp_path):
                       device="cpu")
     train(cfg, progress=False, log=logs.append)
     assert logs[0].startswith("warning: rme:2") and "--epochs 1 ends before" in logs[0]
+
+
+def test_benchmarks_time_rme_with_all_its_components():
+    """A fresh RME(M) is at stage 1 (the VAE); bench-inference times it at its last stage."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fresh = RME(RMEConfig(latent_dim=2, rme_components=3), SHAPE)
+    vae_flops = VAE(VAEConfig(latent_dim=2), SHAPE).posterior_flops(1)
+    assert fresh.posterior_flops(1) == vae_flops
+    fresh.complete_schedule()
+    assert fresh.stage == 3 and fresh.posterior_flops(1) > 2 * vae_flops
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "gpvae", "bench-inference", "--models",
+                        "vae,rme:3", "--latent-dim", "2", "--limit-test", "128", "--repeats",
+                        "1", "--json", "--device", "cpu"], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(root / "src")), timeout=300)
+    assert r.returncode == 0, r.stderr
+    models = json.loads(r.stdout)["models"]
+    assert models["rme:3"]["flops_per_image"] == fresh.posterior_flops(1)

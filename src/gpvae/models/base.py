@@ -162,6 +162,11 @@ class LatentVariableModel(nn.Module):
         hooks see only forward passes).  Default 0."""
         return 0
 
+    def complete_schedule(self) -> None:
+        """Move any schedule this method's training follows to its end (RME: the last
+        stage, all M components), so that a freshly built model can be timed as a finished
+        run uses it (``gpvae bench-inference`` / ``bench-train``).  Default: nothing."""
+
     def training_plan_warning(self, epochs: int) -> str | None:
         """A one-line warning when a run of ``epochs`` epochs ends before this method's own
         schedule is complete (e.g. RME's stages: the run can still be resumed to more

@@ -166,6 +166,12 @@ class RME(LatentVariableModel):
         """The current stage s (the number of components in q(z|x)); 1 for M = 1."""
         return 1 if self.components == 1 else int(self.rme_stage)
 
+    def complete_schedule(self) -> None:
+        """The last stage: q(z|x) is the full M-component mixture (for timing)."""
+        if self.components > 1:
+            with torch.no_grad():
+                self.rme_stage.fill_(self.components)
+
     def training_plan_warning(self, epochs: int) -> str | None:
         """RME(M) needs more than (M - 1) E epochs to train its last component; a shorter
         run (or a first piece of a run resumed later) ends as a mixture of fewer."""
