@@ -216,8 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train several models over several seeds, compare IWAE",
                        description="Train each model with each seed (the seed sets both the "
                        "initialization and the validation split) with the same budget, "
-                       "evaluate IWAE-K on the same test images and report mean ± sd, paired "
-                       "differences and two-sided t-tests. Resumable: finished runs are reused.")
+                       "evaluate IWAE-K on each run's own test split (the data set's test "
+                       "partition; for CelebA the one its seed cuts, never images it trained "
+                       "on) and report mean ± sd, paired differences and two-sided t-tests. "
+                       "Resumable: finished runs are reused.")
     p.add_argument("--out", required=True, help="directory for the runs and results.md/json")
     p.add_argument("--models", default="vae,gpvae", help=MODELS_HELP + "; the first is the "
                    "reference; runs go to OUT/NAME/seedS, OUT/NAME-SIZE/seedS with a size "
