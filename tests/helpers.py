@@ -2,6 +2,8 @@
 tests/ on sys.path)."""
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 SHAPE = (1, 28, 28)
 D = 28 * 28
@@ -64,3 +66,45 @@ class TanhDecoder(nn.Module):
 
     def forward(self, z):
         return (torch.tanh(z @ self.w1.T) @ self.w2.T).reshape(*z.shape[:-1], *self.shape)
+
+
+class CountFlops(TorchDispatchMode):
+    """Matrix-product and convolution FLOPs (PyTorch's own formulas) of every op run,
+    backward included.  (FlopCounterMode's module tracker cannot follow autograd.grad
+    w.r.t. leaf tensors, so the formulas are applied directly.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func._overloadpacket in flop_registry:
+            self.total += flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
+        return out
+
+
+def assert_is_the_vae(vae, model, x, modes=("train",)):
+    """``model`` built after the same seed as ``vae`` is the VAE bit for bit: state dict,
+    q(z|x), the training objective and its diagnostics (in each of ``modes``), IWAE/ELBO."""
+    from gpvae.evaluation import estimate
+
+    sv, sm = vae.state_dict(), model.state_dict()
+    assert list(sv) == list(sm)
+    assert all(torch.equal(sv[k], sm[k]) for k in sv)
+    qv, qm = vae.posterior(x), model.posterior(x)
+    assert type(qv) is type(qm)
+    assert torch.equal(qv.mean, qm.mean) and torch.equal(qv.stddev, qm.stddev)
+    for mode in modes:
+        getattr(vae, mode)(), getattr(model, mode)()
+        torch.manual_seed(3)
+        ov, dv = vae.training_objective(x, n_train=100)
+        torch.manual_seed(3)
+        om, dm = model.training_objective(x, n_train=100)
+        assert torch.equal(ov, om) and dv.keys() == dm.keys()
+        assert all(torch.equal(dv[k], dm[k]) for k in dv)
+    ev = estimate(vae, Data(x), samples=10, progress=False)
+    em = estimate(model, Data(x), samples=10, progress=False)
+    assert torch.equal(ev.iwae, em.iwae) and torch.equal(ev.elbo, em.elbo)
+    assert model.extra_posterior_flops(8) == 0

@@ -12,6 +12,7 @@ from torch.distributions import Independent, MultivariateNormal, Normal, kl_dive
 
 from gpvae.evaluation import estimate, log_weights
 from gpvae.likelihoods import GaussianLikelihood
+from helpers import Data
 
 D, d, SIGMA = 6, 3, 0.5
 
@@ -51,17 +52,6 @@ class LinearGaussian(nn.Module):
     def exact_log_px(self, x):
         cov = self.A @ self.A.T + SIGMA**2 * torch.eye(D, dtype=torch.float64)
         return MultivariateNormal(self.c, cov).log_prob(x.reshape(-1, D))
-
-
-class Data:
-    def __init__(self, x):
-        self.x = x
-
-    def __len__(self):
-        return self.x.shape[0]
-
-    def batch(self, idx, device=None):
-        return self.x[idx]
 
 
 def sample_data(model, n=200, seed=0):

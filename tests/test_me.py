@@ -19,7 +19,7 @@ from gpvae.errors import ConfigError
 from gpvae.evaluation import estimate
 from gpvae.models.me import ME, GaussianMixture, MEConfig
 from gpvae.models.vae import VAE, VAEConfig
-from helpers import Data, LinearDecoder, images
+from helpers import Data, LinearDecoder, assert_is_the_vae, images
 
 SHAPE = (1, 28, 28)
 LOG_2PI = math.log(2 * math.pi)
@@ -79,23 +79,7 @@ def test_one_component_is_the_vae():
     vae = VAE(VAEConfig(latent_dim=3), SHAPE)
     torch.manual_seed(7)
     me = ME(MEConfig(latent_dim=3, me_components=1), SHAPE)
-    sv, sm = vae.state_dict(), me.state_dict()
-    assert list(sv) == list(sm)
-    assert all(torch.equal(sv[k], sm[k]) for k in sv)
-    x = images(4, dtype=torch.float32)
-    qv, qm = vae.posterior(x), me.posterior(x)
-    assert type(qv) is type(qm)
-    assert torch.equal(qv.mean, qm.mean) and torch.equal(qv.stddev, qm.stddev)
-    torch.manual_seed(3)
-    ov, dv = vae.training_objective(x, n_train=100)
-    torch.manual_seed(3)
-    om, dm = me.training_objective(x, n_train=100)
-    assert torch.equal(ov, om) and dv.keys() == dm.keys()
-    assert all(torch.equal(dv[k], dm[k]) for k in dv)
-    ev = estimate(vae, Data(x), samples=10, progress=False)
-    em = estimate(me, Data(x), samples=10, progress=False)
-    assert torch.equal(ev.iwae, em.iwae) and torch.equal(ev.elbo, em.elbo)
-    assert me.extra_posterior_flops(8) == 0
+    assert_is_the_vae(vae, me, images(4, dtype=torch.float32))
 
 
 def test_posterior_is_the_mixture():

@@ -18,7 +18,7 @@ from gpvae.evaluation import estimate
 from gpvae.models.me import GaussianMixture
 from gpvae.models.rme import RME, RMEConfig, mixture_log_weights
 from gpvae.models.vae import VAE, VAEConfig
-from helpers import Data, images
+from helpers import Data, assert_is_the_vae, images
 
 SHAPE = (1, 28, 28)
 LOG_2PI = math.log(2 * math.pi)
@@ -91,25 +91,7 @@ def test_one_component_is_the_vae():
     vae = VAE(VAEConfig(latent_dim=3), SHAPE)
     torch.manual_seed(7)
     rme = RME(RMEConfig(latent_dim=3, rme_components=1), SHAPE)
-    sv, sr = vae.state_dict(), rme.state_dict()
-    assert list(sv) == list(sr)
-    assert all(torch.equal(sv[k], sr[k]) for k in sv)
-    x = images(4, dtype=torch.float32)
-    qv, qr = vae.posterior(x), rme.posterior(x)
-    assert type(qv) is type(qr)
-    assert torch.equal(qv.mean, qr.mean) and torch.equal(qv.stddev, qr.stddev)
-    for mode in ("train", "eval"):
-        getattr(vae, mode)(), getattr(rme, mode)()
-        torch.manual_seed(3)
-        ov, dv = vae.training_objective(x, n_train=100)
-        torch.manual_seed(3)
-        orr, dr = rme.training_objective(x, n_train=100)
-        assert torch.equal(ov, orr) and dv.keys() == dr.keys()
-        assert all(torch.equal(dv[k], dr[k]) for k in dv)
-    ev = estimate(vae, Data(x), samples=10, progress=False)
-    er = estimate(rme, Data(x), samples=10, progress=False)
-    assert torch.equal(ev.iwae, er.iwae) and torch.equal(ev.elbo, er.elbo)
-    assert rme.extra_posterior_flops(8) == 0
+    assert_is_the_vae(vae, rme, images(4, dtype=torch.float32), modes=("train", "eval"))
 
 
 def test_stage_one_of_a_larger_rme_is_the_vae():

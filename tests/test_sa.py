@@ -13,15 +13,13 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
 
 from gpvae.errors import ConfigError
 from gpvae.evaluation import estimate
 from gpvae.flops import forward_flops
 from gpvae.models.sa import SA, SAConfig
 from gpvae.models.vae import VAE, VAEConfig
-from helpers import TanhDecoder
+from helpers import CountFlops, TanhDecoder
 from helpers import TrainableLinearDecoder as LinearDecoder
 
 SHAPE = (1, 28, 28)
@@ -308,23 +306,6 @@ def test_size_option_is_the_number_of_steps():
     assert SA.posterior_needs_grad is True
 
 
-class _CountFlops(TorchDispatchMode):
-    """Matrix-product and convolution FLOPs (PyTorch's own formulas) of every op run,
-    backward included.  (FlopCounterMode's module tracker cannot follow autograd.grad
-    w.r.t. leaf tensors, so the formulas are applied directly.)"""
-
-    def __init__(self):
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func._overloadpacket in flop_registry:
-            self.total += flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
-        return out
-
-
 @pytest.mark.parametrize("decoder", ["conv", "fc"])
 def test_extra_posterior_flops_is_the_decoder_backward_of_each_step(decoder):
     """Everything the posterior multiplies = encoder forward + k decoder forwards (plain
@@ -332,7 +313,7 @@ def test_extra_posterior_flops_is_the_decoder_backward_of_each_step(decoder):
     k, b, d = 2, 3, 4
     model = SA(SAConfig(latent_dim=d, sa_steps=k, decoder=decoder), SHAPE).eval()
     x = torch.rand(b, *SHAPE)
-    with _CountFlops() as counter:
+    with CountFlops() as counter:
         model.posterior(x)
     plain = forward_flops(model.encoder, x) + k * forward_flops(model.decoder, torch.zeros(b, d))
     assert model.extra_posterior_flops(b) == k * forward_flops(model.decoder, torch.zeros(b, d))

@@ -11,14 +11,12 @@ import pytest
 import torch
 from torch import nn
 from torch.distributions import MultivariateNormal
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
 
 from gpvae.errors import ConfigError
 from gpvae.evaluation import estimate
 from gpvae.flops import forward_flops
 from gpvae.models.vlae import VLAE, VLAEConfig, scale_tril_from_precision
-from helpers import Data, TanhDecoder
+from helpers import CountFlops, Data, TanhDecoder
 from helpers import TrainableLinearDecoder as LinearDecoder
 
 # torch's forward-mode AD jit-scripts its JVP decompositions on first use (torch's warning)
@@ -274,21 +272,6 @@ def test_size_option_is_the_number_of_updates():
     assert VLAE.posterior_needs_grad is True
 
 
-class _CountFlops(TorchDispatchMode):
-    """Matrix-product and convolution FLOPs (PyTorch's own formulas) of every op run."""
-
-    def __init__(self):
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func._overloadpacket in flop_registry:
-            self.total += flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
-        return out
-
-
 def test_extra_posterior_flops_counts_the_products():
     """The posterior's matrix products = encoder forward + (k + 1) decoder forwards (plain
     module passes) + the products of extra_posterior_flops (its Cholesky and triangular-solve
@@ -296,7 +279,7 @@ def test_extra_posterior_flops_counts_the_products():
     k, b, d = 2, 3, 4
     model = VLAE(VLAEConfig(latent_dim=d, vlae_steps=k, decoder="fc"), SHAPE).eval()
     x = torch.rand(b, *SHAPE)
-    with _CountFlops() as counter:
+    with CountFlops() as counter:
         model.posterior(x)
     dec = forward_flops(model.decoder, torch.zeros(b, d))
     plain = forward_flops(model.encoder, x) + (k + 1) * dec
