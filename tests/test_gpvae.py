@@ -541,3 +541,54 @@ def test_registration_and_config_validation():
         GPVAE(VAEConfig(), MNIST)
     with pytest.raises(ValueError):
         _model(d=2).training_objective(_inputs(1, dtype=torch.float32), 0)
+
+
+# ----------------------------------------------------------------------------------------
+# Issue 9 item 4: epoch summaries of q(W, U) and its own learning rate
+# ----------------------------------------------------------------------------------------
+def test_epoch_summary_matches_dense_brute_force():
+    """Every summary against the dense factors (blocked_to_dense) and dense Sigma_j = L L^T;
+    the unused entries of the column-blocked storage are random (nothing may read them)."""
+    model = _model(d=4).double()
+    _randomize_gp(model, seed=3)
+    summary = model.epoch_summary()
+    model.requires_grad_(False)
+    L, M = (blocked_to_dense(getattr(model, pre + "_log_diag"), getattr(model, pre + "_offdiag"),
+                             model.chol_block) for pre in ("sigma", "gamma"))
+    sigma, gamma = L @ L.transpose(-1, -2), M @ M.transpose(-1, -2)
+    expected = {
+        "gp_mu_norm": float(torch.sqrt((model.mu.detach() ** 2).sum())),
+        "gp_eta_norm": float(torch.sqrt((model.eta.detach() ** 2).sum())),
+        "gp_sigma_trace": float(torch.diagonal(sigma, dim1=-2, dim2=-1).sum(-1).mean()),
+        "gp_gamma_trace": float(torch.diagonal(gamma, dim1=-2, dim2=-1).sum(-1).mean()),
+        # log det from the eigenvalues of each dense Sigma_j (one at a time: this torch
+        # build's batched slogdet goes wrong with two MKL threads -- DLASWP errors)
+        "gp_sigma_logdet": float(torch.stack([torch.linalg.eigvalsh(s).log().sum()
+                                              for s in sigma]).mean()),
+        "gp_gamma_logdet": float(torch.stack([torch.linalg.eigvalsh(g).log().sum()
+                                              for g in gamma]).mean()),
+    }
+    assert list(summary) == list(expected)
+    assert all(type(v) is float for v in summary.values())
+    for key, value in expected.items():
+        assert summary[key] == pytest.approx(value, rel=1e-10), key
+    assert summary["gp_sigma_trace"] != summary["gp_gamma_trace"]
+
+
+def test_epoch_summary_at_initialization():
+    model = _model(d=3, gp_init_std=0.01)
+    p = model.feature_dim
+    s = model.epoch_summary()
+    assert s["gp_mu_norm"] == s["gp_eta_norm"] == 0.0
+    for pre in ("sigma", "gamma"):
+        assert s[f"gp_{pre}_trace"] == pytest.approx(p * 0.01**2, rel=1e-6)
+        assert s[f"gp_{pre}_logdet"] == pytest.approx(2 * p * math.log(0.01), rel=1e-6)
+
+
+def test_gp_lr_option():
+    assert GPVAEConfig().gp_lr is None
+    for good in (0, 0.0, 1e-3):
+        assert build_model("gpvae", MNIST, latent_dim=2, gp_lr=good).config.gp_lr == good
+    for bad in (-1e-3, float("nan"), float("inf"), True, "0.1"):
+        with pytest.raises(ConfigError, match="--gp-lr"):
+            build_model("gpvae", MNIST, latent_dim=2, gp_lr=bad)

@@ -346,3 +346,201 @@ def test_a_data_set_too_small_for_a_validation_split_is_refused_up_front(tmp_pat
     with pytest.raises(DataError, match="4 training and 0 validation images"):
         _quiet(_tiny(out, data_dir=str(data), limit_train=None))
     assert not out.exists()
+
+
+# --- issue 9 item 4: q(W, U)'s own learning rate; per-epoch model summaries --------------------
+def _gp_names():
+    from gpvae.models.gpvae import GPVAE
+
+    return GPVAE.GP_PARAMETERS
+
+
+def test_gp_lr_gives_q_wu_its_own_optimizer_group():
+    from gpvae.models import build_model
+    from gpvae.training import model_optimizer
+
+    torch.manual_seed(0)
+    model = build_model("gpvae", (1, 28, 28), latent_dim=3, likelihood="gaussian-learned",
+                        gp_lr=2e-2)
+    groups = model_optimizer(model, 5e-4).param_groups
+    assert [g["lr"] for g in groups] == [5e-4, 2e-2]
+    assert all(g["fused"] for g in groups)
+    assert [id(p) for p in groups[1]["params"]] == [id(getattr(model, n)) for n in _gp_names()]
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert len(grouped) == len(set(grouped)) == len(list(model.parameters()))
+    assert set(grouped) == {id(p) for p in model.parameters()}
+    assert id(model.likelihood.log_sigma) in {id(p) for p in groups[0]["params"]}
+    # without gp_lr: the one group of before (runs written then resume unchanged)
+    plain = build_model("gpvae", (1, 28, 28), latent_dim=3)
+    (group,) = model_optimizer(plain, 5e-4).param_groups
+    assert group["lr"] == 5e-4
+    assert [id(p) for p in group["params"]] == [id(p) for p in plain.parameters()]
+
+
+class _DroppingGroups(VAE):
+    """param_groups that leave one parameter out."""
+
+    def param_groups(self, lr):
+        return [{"params": list(self.parameters())[1:], "lr": lr}]
+
+
+class _RepeatingGroups(VAE):
+    """param_groups that list one parameter twice (and leave another out)."""
+
+    def param_groups(self, lr):
+        params = list(self.parameters())
+        return [{"params": params[:-1], "lr": lr}, {"params": params[:1], "lr": lr}]
+
+
+@pytest.mark.parametrize("cls", [_DroppingGroups, _RepeatingGroups])
+def test_model_optimizer_refuses_groups_that_miss_or_repeat_a_parameter(cls):
+    from gpvae.models import VAEConfig
+    from gpvae.training import model_optimizer
+
+    with pytest.raises(ValueError, match="exactly once"):
+        model_optimizer(cls(VAEConfig(latent_dim=2), (1, 28, 28)), 1e-3)
+
+
+@pytest.mark.parametrize("gp_lr", [0.0, None])
+def test_gp_lr_zero_holds_q_wu_while_the_networks_move(gp_lr):
+    """Two Adam steps with gp_lr = 0: every q(W, U) parameter has a gradient and stays
+    exactly where it was, every network parameter with a gradient moves; with gp_lr None
+    (the networks' lr) q(W, U) moves too."""
+    from gpvae.models import build_model
+    from gpvae.training import model_optimizer
+
+    torch.manual_seed(0)
+    model = build_model("gpvae", (1, 28, 28), latent_dim=3, gp_init_std=0.05, gp_lr=gp_lr)
+    opt = model_optimizer(model, 1e-2)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        opt.zero_grad()
+        (-model.training_objective(x, 100)[0].mean()).backward()
+        grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+        opt.step()
+    after = dict(model.named_parameters())
+    for name in _gp_names():
+        assert grads[name].abs().sum() > 0, name
+        assert torch.equal(after[name], before[name]) == (gp_lr == 0.0), name
+    nets = [k for k in before if k not in _gp_names() and grads[k].abs().sum() > 0]
+    assert len(nets) > 10
+    for name in nets:
+        assert not torch.equal(after[name], before[name]), name
+
+
+def test_gpvae_with_gp_lr_resumes_exactly_and_logs_q_wu_every_epoch(tmp_path, monkeypatch):
+    """A GPVAE with its own q(W, U) learning rate, stopped after epoch 1 and resumed to 2,
+    ends with the weights, optimizer state and metrics.csv of a straight 2-epoch run;
+    metrics.csv's header is the trainer's columns plus the model's epoch_summary keys (before
+    ``seconds``) from the first epoch on, and each row's summaries are those of the weights
+    after that epoch."""
+    import functools
+
+    import gpvae.data
+    from gpvae.models import build_model
+    from gpvae.training import METRIC_FIELDS
+
+    # the three runs read the same images: load them once (the trainer only reads them)
+    monkeypatch.setattr(gpvae.data, "load_splits",
+                        functools.lru_cache(maxsize=None)(gpvae.data.load_splits))
+
+    def cfg(out, epochs):
+        return TrainConfig(out=str(tmp_path / out), model="gpvae",
+                           model_options={"latent_dim": 2, "gp_lr": 3e-3}, epochs=epochs,
+                           limit_train=40, batch_size=18, seed=2, device="cpu")
+
+    def summary_of(path):
+        model = build_model("gpvae", (1, 28, 28), latent_dim=2, gp_lr=3e-3)
+        model.load_state_dict(read_checkpoint(path)[0])
+        return model.epoch_summary()
+
+    def rows(run):
+        import csv
+
+        with open(tmp_path / run / "metrics.csv", newline="") as f:
+            return list(csv.DictReader(f))
+
+    keys = ["gp_mu_norm", "gp_eta_norm", "gp_sigma_trace", "gp_gamma_trace", "gp_sigma_logdet",
+            "gp_gamma_logdet"]
+    header = ",".join(METRIC_FIELDS[:-1] + keys + ["seconds"])
+    _quiet(cfg("full", 2))
+    _quiet(cfg("split", 1))
+    assert (tmp_path / "split" / "metrics.csv").read_text().splitlines()[0] == header
+    epoch1 = summary_of(tmp_path / "split" / "last.safetensors")
+    assert epoch1["gp_mu_norm"] > 0 and epoch1["gp_eta_norm"] > 0
+    _quiet(cfg("split", 2), resume=True)
+    a, a_opt, a_meta = read_checkpoint(tmp_path / "full" / "last.safetensors")
+    b, b_opt, b_meta = read_checkpoint(tmp_path / "split" / "last.safetensors")
+    assert a_meta["epoch"] == b_meta["epoch"] == 2
+    assert [g["lr"] for g in a_meta["optimizer"]["param_groups"]] == [5e-4, 3e-3]
+    assert a_meta["optimizer"] == b_meta["optimizer"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert a_opt.keys() == b_opt.keys() and all(torch.equal(a_opt[k], b_opt[k]) for k in a_opt)
+    for run in ("full", "split"):
+        assert (tmp_path / run / "metrics.csv").read_text().splitlines()[0] == header
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
+    assert strip(rows("full")) == strip(rows("split")) and len(rows("full")) == 2
+    epoch2 = summary_of(tmp_path / "full" / "last.safetensors")
+    for row, expected in zip(rows("full"), (epoch1, epoch2)):
+        assert {k: float(row[k]) for k in keys} == expected
+    assert epoch2 != epoch1
+
+
+def test_metric_fields_of_a_model_without_summaries_are_the_trainers():
+    from gpvae.models import build_model
+    from gpvae.training import METRIC_FIELDS, metric_fields
+
+    assert metric_fields(build_model("vae", (1, 28, 28), latent_dim=2)) == METRIC_FIELDS
+    assert METRIC_FIELDS[-1] == "seconds"
+
+
+def test_cli_gp_lr_reaches_the_run_and_old_configs_without_it_still_load(tmp_path):
+    import json
+    from dataclasses import asdict
+
+    from gpvae.cli import _train_config, build_parser
+    from gpvae.rundir import build_from_config, read_config
+    from gpvae.training import model_optimizer
+
+    args = build_parser().parse_args(["train", "--model", "gpvae", "--gp-lr", "0.002",
+                                      "--out", str(tmp_path / "new")])
+    cfg = _train_config(args)
+    assert cfg.model_options == {"gp_lr": 0.002}
+    assert len(model_optimizer(build_from_config(cfg, (1, 28, 28)), cfg.lr).param_groups) == 2
+    # a config.json written before gp_lr existed
+    old = tmp_path / "old"
+    old.mkdir()
+    raw = asdict(TrainConfig(out=str(old), model="gpvae",
+                             model_options={"latent_dim": 2, "gp_init_std": 1e-3}))
+    (old / "config.json").write_text(json.dumps(raw))
+    model = build_from_config(read_config(old), (1, 28, 28))
+    assert model.config.gp_lr is None
+    assert len(model_optimizer(model, 5e-4).param_groups) == 1
+
+
+def test_make_adam_falls_back_to_unfused_with_param_groups(monkeypatch):
+    """Where the fused kernel is refused (its RuntimeError comes after Adam has written its
+    settings, fused=True included, into the group dicts), the unfused fallback gets clean
+    copies of the groups: unfused, each group's own lr kept, and it steps."""
+    import gpvae.training as training
+
+    real = torch.optim.Adam
+
+    class NoFusedKernel(real):
+        def __init__(self, params, **kw):
+            super().__init__(params, **kw)
+            if kw.get("fused"):
+                raise RuntimeError("`fused=True` requires ... supported devices")
+
+    monkeypatch.setattr(training.torch.optim, "Adam", NoFusedKernel)
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    groups = [{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.0}]
+    opt = training.make_adam(groups, 1e-3)
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.0]
+    assert not any(g["fused"] for g in opt.param_groups)
+    (a.sum() + b.sum()).backward()
+    opt.step()
+    assert torch.allclose(a, torch.full((3,), 0.9)) and torch.equal(b, torch.ones(2))
+    assert groups == [{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.0}]

@@ -29,13 +29,45 @@ from .progress import progress_bar
 from .rundir import (BEST, CONFIG_FILE, LAST, METRICS, RUN_FILES, TrainConfig,
                      build_from_config, locked_run_dir, read_config, require_empty)
 
+#: the trainer's own columns of metrics.csv; a model's :meth:`epoch_summary` keys come
+#: between ``valid_elbo`` and ``seconds`` (:func:`metric_fields`)
 METRIC_FIELDS = ["epoch", "train_objective", "train_rec", "train_kl", "valid_elbo", "seconds"]
 
 
+def metric_fields(model) -> list[str]:
+    """The columns of a run's metrics.csv: :data:`METRIC_FIELDS` with the model's
+    :meth:`~gpvae.models.base.LatentVariableModel.epoch_summary` keys inserted before
+    ``seconds`` (which stays last).  Fixed by the model's class and config, so the header
+    is the same in every epoch and after ``--resume``."""
+    with torch.no_grad():
+        extra = list(model.epoch_summary())
+    clash = sorted(set(extra) & set(METRIC_FIELDS))
+    if clash or len(set(extra)) != len(extra):
+        raise ValueError(f"{type(model).__name__}.epoch_summary() keys {extra} repeat a key or "
+                         f"one of the trainer's own columns {METRIC_FIELDS}")
+    return METRIC_FIELDS[:-1] + extra + METRIC_FIELDS[-1:]
+
+
+def model_optimizer(model, lr: float) -> torch.optim.Adam:
+    """:func:`make_adam` over the model's
+    :meth:`~gpvae.models.base.LatentVariableModel.param_groups` for the base learning rate
+    ``lr``, after checking that they hold every parameter of the model exactly once (a
+    programming error otherwise: ValueError)."""
+    groups = model.param_groups(lr)
+    grouped = [p for group in groups for p in group["params"]]
+    params = list(model.parameters())
+    if len(grouped) != len(params) or {id(p) for p in grouped} != {id(p) for p in params}:
+        raise ValueError(f"{type(model).__name__}.param_groups() must hold each of its "
+                         f"{len(params)} parameters exactly once (it holds {len(grouped)} "
+                         "entries)")
+    return make_adam(groups, lr)
+
+
 def make_adam(params, lr: float) -> torch.optim.Adam:
-    """Adam; the fused implementation (one kernel for all parameters instead of a loop
-    over them; its effect on a GPVAE step is measured in docs/benchmarks.md) where the
-    device has it.
+    """Adam over ``params``: parameters, or parameter groups (dicts with ``"params"`` and
+    optionally their own ``"lr"``; ``lr`` is the default); the fused implementation (one
+    kernel for all parameters instead of a loop over them; its effect on a GPVAE step is
+    measured in docs/benchmarks.md) where the device has it.
 
     The fused kernel needs each parameter's moment estimates in the parameter's memory
     layout, and on CPU it does not check: moments loaded contiguous (as checkpoints store
@@ -46,10 +78,14 @@ def make_adam(params, lr: float) -> torch.optim.Adam:
     copies) came from an unfused one.
     """
     params = list(params)
+
+    def fresh():  # Adam writes its settings into group dicts: each try gets its own copies
+        return [dict(p) if isinstance(p, dict) else p for p in params]
+
     try:
-        optimizer = torch.optim.Adam(params, lr=lr, fused=True)
+        optimizer = torch.optim.Adam(fresh(), lr=lr, fused=True)
     except RuntimeError:  # a device or dtype without a fused Adam kernel
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(fresh(), lr=lr)
 
     def fused_state(opt):
         for group in opt.param_groups:
@@ -77,12 +113,12 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + 12_345) % (2**63)
 
 
-def _metrics_csv(history: list[dict]) -> str:
+def _metrics_csv(history: list[dict], fields: list[str]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS)
+    writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     for row in history:
-        writer.writerow({k: row.get(k) for k in METRIC_FIELDS})
+        writer.writerow({k: row.get(k) for k in fields})
     return buf.getvalue()
 
 
@@ -173,7 +209,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
         else:
             require_empty(out)
         remove_orphan_temps(out, RUN_FILES)
-        optimizer = make_adam(model.parameters(), cfg.lr)
+        optimizer = model_optimizer(model, cfg.lr)
         history: list[dict] = []
         best = {"epoch": 0, "valid_elbo": -math.inf}
         if done:
@@ -203,6 +239,7 @@ def _train_epochs(cfg, model, optimizer, splits, device, out: Path, start_epoch:
     n_train = len(train_data)
     steps = math.ceil(n_train / cfg.batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
+    fields = metric_fields(model)
     writer = _tensorboard(out)
     bar = progress_bar((cfg.epochs - start_epoch) * steps, unit="step", enabled=progress)
     for epoch in range(start_epoch, cfg.epochs):
@@ -240,8 +277,13 @@ def _train_epochs(cfg, model, optimizer, splits, device, out: Path, start_epoch:
                          device=device, seed=cfg.seed, progress=False).summary()["test_elbo"]
         if math.isnan(valid):
             raise _diverged("the validation ELBO became NaN", f"epoch {epoch + 1}", out, epoch)
-        row = {"epoch": epoch + 1, **sums, "valid_elbo": valid,
+        with torch.no_grad():
+            summary = {k: float(v) for k, v in model.epoch_summary().items()}
+        row = {"epoch": epoch + 1, **sums, "valid_elbo": valid, **summary,
                "seconds": time.perf_counter() - t0}
+        if list(row) != fields:
+            raise ValueError(f"{type(model).__name__}.epoch_summary() keys changed during "
+                             f"training: {list(summary)}")
         history.append(row)
         bar.set_postfix(valid_elbo=f"{valid:.1f}")
         if writer is not None:
@@ -254,7 +296,7 @@ def _train_epochs(cfg, model, optimizer, splits, device, out: Path, start_epoch:
                                                 "best": best})
         save_checkpoint(out / LAST, model, {"epoch": epoch + 1, "config": asdict(cfg),
                                             "history": history, "best": best}, optimizer)
-        atomic_write_text(out / METRICS, _metrics_csv(history))
+        atomic_write_text(out / METRICS, _metrics_csv(history, fields))
     bar.close()
     if writer is not None:
         writer.close()

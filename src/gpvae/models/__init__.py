@@ -14,6 +14,7 @@ from dataclasses import fields
 
 from ..errors import ConfigError
 from .base import LatentVariableModel, ModelConfig
+from .cmvae import CMVAE, CMVAEConfig
 from .gpvae import GPVAE, GPVAEConfig
 from .hf import HF, HFConfig
 from .iaf import IAF, IAFConfig
@@ -24,7 +25,7 @@ from .vae import VAE, VAEConfig
 from .vlae import VLAE, VLAEConfig
 
 MODELS: dict[str, type[LatentVariableModel]] = {
-    "vae": VAE, "gpvae": GPVAE, "sa": SA, "hf": HF, "iaf": IAF, "me": ME, "rme": RME, "vlae": VLAE}
+    "vae": VAE, "gpvae": GPVAE, "cmvae": CMVAE, "sa": SA, "hf": HF, "iaf": IAF, "me": ME, "rme": RME, "vlae": VLAE}
 
 
 def own_options(cls: type[LatentVariableModel]) -> list[str]:
@@ -151,7 +152,7 @@ def run_dir_name(label: str) -> str:
     return label.replace(":", "-")
 
 
-__all__ = ["MODELS", "GPVAE", "GPVAEConfig", "HF", "HFConfig", "IAF", "IAFConfig", "LatentVariableModel", "ME",
+__all__ = ["MODELS", "CMVAE", "CMVAEConfig", "GPVAE", "GPVAEConfig", "HF", "HFConfig", "IAF", "IAFConfig", "LatentVariableModel", "ME",
            "MEConfig", "ModelConfig", "RME", "RMEConfig", "SA", "SAConfig", "VAE", "VAEConfig", "VLAE", "VLAEConfig", "build_model", "check_options", "current_options", "model_class",
            "own_options", "parse_model_list", "parse_model_spec", "register", "run_dir_name",
            "spec_label"]

@@ -47,6 +47,15 @@ Base-class methods with a default, never probed for by attribute name:
 * :meth:`uncertainty` and :meth:`fused_encoder` -- raise
   :class:`~gpvae.errors.UnsupportedError` unless overridden; :meth:`supports_uncertainty`
   and :meth:`supports_fused_encoder` say whether a class overrides them.
+* :meth:`variational_family` -- the family of q(z|x) in words (default
+  ``"diagonal Gaussian"``; flows, mixtures and full-covariance methods say theirs);
+* :meth:`epoch_summary` -- scalar summaries of the model's state that the trainer appends
+  to each epoch's metrics row (default none);
+* :meth:`param_groups` -- the optimizer's parameter groups, each with its learning rate
+  (default one group of all parameters at ``--lr``; the GPVAE's ``gp_lr`` gives q(W,U)
+  its own).
+* :meth:`packable` -- whether :mod:`gpvae.packing` may train several runs of the method
+  as one vmapped computation (default True).
 
 Options
 -------
@@ -186,6 +195,25 @@ class LatentVariableModel(nn.Module):
         raise UnsupportedError(f"{type(self).__name__} has no exportable Gaussian encoder "
                                "x -> (mean, variance)")
 
+    def epoch_summary(self) -> dict[str, float]:
+        """Scalar summaries of this model's current state, {name: value}, that the trainer
+        appends to each epoch's metrics row (``metrics.csv``, TensorBoard) after the epoch's
+        training steps (e.g. the GPVAE's norms and traces of q(W,U)).  The names are columns
+        of the CSV header, so they may depend on the class and its config only, never on the
+        weights or the epoch; they must not be those of the trainer's own columns
+        (:data:`gpvae.training.METRIC_FIELDS`).  Called without gradients.  Default: {}."""
+        return {}
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """The optimizer's parameter groups for the base learning rate ``lr`` (``--lr``):
+        dicts with ``"params"`` (a list) and ``"lr"``, every parameter of the model in
+        exactly one group, in an order fixed by the class and its config (checkpointed
+        optimizer state is matched to parameters by position).  Used by
+        :func:`gpvae.training.model_optimizer`.  Default: one group of all parameters at
+        ``lr`` -- also those a schedule holds fixed for now (RME's later components: they
+        join training later, and the optimizer skips parameters without a gradient)."""
+        return [{"params": list(self.parameters()), "lr": lr}]
+
     @classmethod
     def supports_uncertainty(cls) -> bool:
         """Whether the class defines :meth:`uncertainty`."""
@@ -195,6 +223,22 @@ class LatentVariableModel(nn.Module):
     def supports_fused_encoder(cls) -> bool:
         """Whether the class defines :meth:`fused_encoder` (``gpvae export``)."""
         return cls.fused_encoder is not LatentVariableModel.fused_encoder
+
+    @classmethod
+    def packable(cls) -> bool:
+        """Whether runs of this method may be trained packed (:mod:`gpvae.packing`: several
+        runs as one ``torch.func.vmap`` computation).  Default True; a method whose training
+        step vmap cannot batch (autograd inside it, Python control flow on tensor values,
+        ``requires_grad`` switched during training) overrides it to return False.  (Packing
+        also probes the step before any work and refuses a method that fails there.)"""
+        return True
+
+    def variational_family(self) -> str:
+        """The family q(z|x) belongs to, in words (``gpvae gap`` names it next to the
+        diagonal Gaussian it fits per instance: when this family is richer, L[q*] may be
+        below L[q]).  Default ``"diagonal Gaussian"``; methods with another family
+        override it."""
+        return "diagonal Gaussian"
 
     # --- the generative model ----------------------------------------------------------
     def prior(self, like: torch.Tensor) -> Distribution:

@@ -58,6 +58,12 @@ The per-example objective is the ELBO of eq. (15) (= eq. 18 of the supplement):
   (:func:`~gpvae.cholesky.kl_to_standard_normal`; while training, its sum_j ||L_j||_F^2
   comes out of the quadratic forms' pass).
 
+q(W,U) may learn at its own rate: ``gp_lr`` (``--gp-lr``; default None, the networks'
+``--lr``) puts mu, eta and the four factor parameters in a second optimizer group
+(:meth:`GPVAE.param_groups`; 0 holds q(W,U) at its initialization).  How far q(W,U) has
+moved is logged every epoch (:meth:`GPVAE.epoch_summary`: ||mu||_F, ||eta||_F, the mean
+traces and log-determinants of Sigma_j, Gamma_j).
+
 Uncertainty (Sec. 3.3 step 3, Sec. 5.3): Tr V(f(x)|D) = psi^m^T (sum_j Sigma_j) psi^m and
 Tr V(h(x)|D) = psi^s^T (sum_j Gamma_j) psi^s (:meth:`GPVAE.uncertainty`).
 """
@@ -101,6 +107,10 @@ class GPVAEConfig(ModelConfig):
         "choices": KL_EXPECTATIONS})
     gp_kl_mc_samples: int = field(default=1, metadata={
         "help": "Monte Carlo samples of u_j per example for --gp-kl-expectation mc"})
+    gp_lr: float | None = field(default=None, metadata={
+        "help": "Adam learning rate of q(W,U)'s parameters (mu, eta and the Cholesky factors "
+                "of Sigma_j, Gamma_j, eq. 11), in an optimizer group of their own; left out "
+                "(None): the same as --lr; 0 holds q(W,U) at its initialization"})
 
     def validate(self) -> None:
         super().validate()
@@ -113,6 +123,11 @@ class GPVAEConfig(ModelConfig):
         if not isinstance(self.gp_kl_mc_samples, int) or self.gp_kl_mc_samples < 1:
             raise ConfigError(f"--gp-kl-mc-samples must be a positive integer, got "
                               f"{self.gp_kl_mc_samples}")
+        if self.gp_lr is not None and not (
+                isinstance(self.gp_lr, (int, float)) and not isinstance(self.gp_lr, bool)
+                and math.isfinite(self.gp_lr) and self.gp_lr >= 0):
+            raise ConfigError(f"--gp-lr must be a non-negative number (or left out: the same "
+                              f"as --lr), got {self.gp_lr!r}")
 
 
 class GPVAE(LatentVariableModel):
@@ -168,6 +183,43 @@ class GPVAE(LatentVariableModel):
         """
         return (self._kl_from_parameters(self.mu, self.sigma_offdiag, self.sigma_log_diag)
                 + self._kl_from_parameters(self.eta, self.gamma_offdiag, self.gamma_log_diag))
+
+    #: the parameters of q(W, U) (eq. 11), in the order of their optimizer group
+    GP_PARAMETERS = ("mu", "eta", "sigma_offdiag", "sigma_log_diag", "gamma_offdiag",
+                     "gamma_log_diag")
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """With ``gp_lr`` None: one group of all parameters at ``lr`` (the base class's;
+        runs written before ``gp_lr`` existed resume unchanged).  Otherwise two: the
+        networks (decoder, b/c encoder, psi^m, psi^s, a learned sigma_x) at ``lr``, then
+        q(W, U)'s :data:`GP_PARAMETERS` at ``gp_lr``."""
+        if self.config.gp_lr is None:
+            return super().param_groups(lr)
+        gp = [getattr(self, name) for name in self.GP_PARAMETERS]
+        ids = {id(p) for p in gp}
+        nets = [p for p in self.parameters() if id(p) not in ids]
+        return [{"params": nets, "lr": lr}, {"params": gp, "lr": self.config.gp_lr}]
+
+    def epoch_summary(self) -> dict[str, float]:
+        """How far q(W, U) (eq. 11) has moved, for the trainer's per-epoch metrics:
+        ``gp_mu_norm`` = ||mu||_F, ``gp_eta_norm`` = ||eta||_F, ``gp_sigma_trace`` = the mean
+        over j of tr Sigma_j = ||L_j||_F^2, ``gp_gamma_trace`` likewise for Gamma_j, and
+        ``gp_sigma_logdet``, ``gp_gamma_logdet``: the mean over j of log det Sigma_j =
+        2 sum_k log L_j[k, k] (from the stored log-diagonals).  At initialization the traces
+        are p ``gp_init_std``^2 and the log-determinants 2 p log ``gp_init_std``."""
+        d = self.latent_dim
+        with torch.no_grad():
+            values = {
+                "gp_mu_norm": torch.linalg.vector_norm(self.mu),
+                "gp_eta_norm": torch.linalg.vector_norm(self.eta),
+                "gp_sigma_trace": blocked_frobenius(self.sigma_log_diag, self.sigma_offdiag,
+                                                    self.chol_block, self._chol_mask) / d,
+                "gp_gamma_trace": blocked_frobenius(self.gamma_log_diag, self.gamma_offdiag,
+                                                    self.chol_block, self._chol_mask) / d,
+                "gp_sigma_logdet": 2.0 * self.sigma_log_diag.sum() / d,
+                "gp_gamma_logdet": 2.0 * self.gamma_log_diag.sum() / d,
+            }
+            return dict(zip(values, torch.stack(list(values.values())).tolist()))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints written before the column-blocked layout stored each strictly-lower

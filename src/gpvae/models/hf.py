@@ -256,6 +256,9 @@ class HF(LatentVariableModel):
         norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
         return v / torch.where(norm > 0, norm, torch.ones_like(norm))
 
+    def variational_family(self) -> str:
+        return "full-covariance Gaussian (Householder flow of a diagonal Gaussian)"
+
     def posterior(self, x: torch.Tensor) -> HouseholderNormal:
         features = self.encoder.trunk(x)
         mean, std = self.encoder.split_head(self.encoder.head(features))

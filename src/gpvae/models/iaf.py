@@ -189,6 +189,9 @@ class IAF(LatentVariableModel):
     def num_flows(self) -> int:
         return len(self.flows)
 
+    def variational_family(self) -> str:
+        return "inverse autoregressive flow of a diagonal Gaussian"
+
     def posterior(self, x: torch.Tensor) -> IAFPosterior:
         features = self.encoder.trunk(x)
         mean, std = self.encoder.split_head(self.encoder.head(features))

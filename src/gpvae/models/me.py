@@ -140,6 +140,9 @@ class ME(LatentVariableModel):
             self.component_heads = nn.Linear(h, 2 * d * (m - 1))
             self.mixture_head = nn.Linear(h, m)  # logits of alpha(x)
 
+    def variational_family(self) -> str:
+        return "mixture of diagonal Gaussians" if self.components > 1 else "diagonal Gaussian"
+
     def posterior(self, x: torch.Tensor):
         """q(z|x): a :class:`GaussianMixture`; for M = 1 the VAE's ``Independent(Normal)``."""
         if self.components == 1:

@@ -230,6 +230,15 @@ class RME(LatentVariableModel):
         eps = torch.stack(logits, -1) if logits else means[0].new_zeros(x.shape[0], 0)
         return torch.stack(means, -2), torch.stack(stds, -2), eps
 
+    def variational_family(self) -> str:
+        return "mixture of diagonal Gaussians" if self.stage > 1 else "diagonal Gaussian"
+
+    @classmethod
+    def packable(cls) -> bool:
+        """No: the stage schedule reads its counters (``.item()``) inside the training step,
+        which ``torch.func.vmap`` cannot batch."""
+        return False
+
     def posterior(self, x: torch.Tensor):
         """Q_s(z|x) for the current stage s: a :class:`GaussianMixture`; for s = 1 the VAE's
         ``Independent(Normal)``."""

@@ -125,6 +125,9 @@ class VLAE(LatentVariableModel):
         self.encoder = MeanEncoder(self.arch, config.latent_dim)
 
     # --- q(z|x) ------------------------------------------------------------------------
+    def variational_family(self) -> str:
+        return "full-covariance Gaussian"
+
     def posterior(self, x: torch.Tensor) -> MultivariateNormal:
         """q(z|x) = N(mu_k, Lambda_k^{-1}) (batch_shape (B,), event_shape (d,)).
 
