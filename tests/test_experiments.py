@@ -6,7 +6,7 @@ import math
 import pytest
 from scipy import stats
 
-import gpvae.experiments as experiments
+import gpvae.grid.runs as grid_runs
 from gpvae.data import load_splits
 from gpvae.experiments import compare, score_table
 from gpvae.rundir import read_config
@@ -51,6 +51,15 @@ def test_compare_follows_the_split_protocol_and_reuses_runs(tmp_path):
     again = compare(["vae", "gpvae"], [0, 1], **{**kw, "log": logs.append})
     assert not any("training" in m or "resuming" in m for m in logs)  # reused, not retrained
     assert again["models"] == res["models"]
+    # a comparison directory written before runs kept eval.json: trained runs are only
+    # scored again, to the same numbers
+    for path in (tmp_path / "cmp").glob("*/seed*/eval.json"):
+        path.unlink()
+    logs.clear()
+    third = compare(["vae", "gpvae"], [0, 1], **{**kw, "log": logs.append})
+    assert not any("training" in m or "resuming" in m for m in logs)
+    assert len(logs) == 4 and third["models"] == res["models"]
+    assert len(list((tmp_path / "cmp").glob("*/seed*/eval.json"))) == 4
 
 
 def test_compare_on_celeba_scores_each_run_on_its_own_test_split(tmp_path, monkeypatch):
@@ -63,13 +72,13 @@ def test_compare_on_celeba_scores_each_run_on_its_own_test_split(tmp_path, monke
     for i in range(30):
         celeba_jpeg(images / f"{i + 1:06d}.jpg", i)
     scored = {}
-    real = experiments.estimate
+    real = grid_runs.estimate  # compare scores each run through the grid's run_one
 
     def spy(model, data, **kwargs):
         scored[kwargs["seed"]] = celeba_ids(data)
         return real(model, data, **kwargs)
 
-    monkeypatch.setattr(experiments, "estimate", spy)
+    monkeypatch.setattr(grid_runs, "estimate", spy)
     compare(["vae"], [0, 1, 2], out=tmp_path / "cmp", dataset="celeba", data_dir=str(tmp_path),
             epochs=1, latent_dim=2, iwae_samples=2, device="cpu", progress=False,
             log=lambda m: None)

@@ -329,12 +329,12 @@ def test_compare_and_demo_name_run_directories_after_the_size(monkeypatch, tmp_p
     trained = []
     score = {"test_iwae": 1.0, "test_iwae_se": 0.1, "test_elbo": 0.5, "test_elbo_se": 0.1,
              "n": 3}
-    monkeypatch.setattr(experiments, "_finished", lambda run_dir, epochs: False)
-    monkeypatch.setattr(experiments, "train", lambda cfg, resume, progress: trained.append(cfg))
-    monkeypatch.setattr(experiments, "load_run", lambda run_dir, which, device: (None, None))
-    monkeypatch.setattr(experiments, "run_test_split", lambda cfg, data_dir, limit: [0, 1, 2])
-    monkeypatch.setattr(experiments, "estimate",
-                        lambda model, data, **kw: SimpleNamespace(summary=lambda: dict(score)))
+
+    def run_one(run, **kw):  # the grid's train-then-score path, stubbed
+        trained.append(run.cfg)
+        return {"state": "done", "eval": {"estimate": dict(score)}, "error": None}
+
+    monkeypatch.setattr(experiments, "run_one", run_one)
     res = experiments.compare(["vae", "toy:2", "toy:03"], [0], out=tmp_path / "cmp",
                               latent_dim=2, device="cpu", progress=False, log=lambda m: None)
     assert [Path(c.out) for c in trained] == [tmp_path / "cmp" / d / "seed0"

@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_argument_group("method-specific options")
     for name, (f, owners) in _model_option_fields().items():
         kind = f.type if isinstance(f.type, type) else eval(f.type, {})  # dataclass str types
+        kind = getattr(kind, "__args__", (kind,))[0]  # "X | None" (default None): X
         help_text = f.metadata.get("help", "") + f" (models: {', '.join(owners)}; default "
         help_text += f"{f.default if f.default is not MISSING else 'see model'})"
         arg_type = {int: nonneg_int, float: float}.get(kind, str)
@@ -167,6 +168,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--gap-csv", help="per-instance gaps written by `gpvae gap` on this run, "
+                   "its test split and the same images (--limit-test) and checkpoint: adds "
+                   "each image's amortization gap, and the Spearman correlation of each "
+                   "uncertainty with it (bootstrap 95%% interval)")
+    p.add_argument("--bootstrap", type=positive_int, default=2000, help="bootstrap resamples "
+                   "for the correlation intervals (default 2000; seeded by --seed)")
+
+    # --- gap --------------------------------------------------------------------------
+    p = sub.add_parser("gap", help="approximation and amortization gaps of a run's q(z|x)",
+                       description="Per image (Cremer, Li & Duvenaud 2018): log p(x) by IWAE, "
+                       "the ELBO L[q] of the run's amortized q(z|x), and L[q*] of q*, a "
+                       "diagonal Gaussian fitted to that image alone by Adam (started at q's "
+                       "mean and std, decoder frozen); approximation gap = log p(x) - L[q*], "
+                       "amortization gap = L[q*] - L[q]. An image's fit stops when its ELBO "
+                       "(scored with fixed noise every --qstar-window steps) improves by less "
+                       "than --qstar-tol nats. Writes a CSV, prints mean/median/se.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `gpvae train`")
+    p.add_argument("--split", choices=("train", "test"), default="test", help="the run's "
+                   "test split (default) or the images it trained on")
+    p.add_argument("--limit-test", "--limit", dest="limit_test", type=positive_int,
+                   default=1000, metavar="N", help="the first N images of the split "
+                   "(default 1000)")
+    p.add_argument("--elbo-samples", type=positive_int, default=1000, help="S: samples of "
+                   "the Monte Carlo ELBO, the same for L[q] and L[q*] (default 1000)")
+    p.add_argument("--iwae-samples", type=positive_int, default=5000, help="K of the IWAE "
+                   "estimates of log p(x), with q and with q* as proposal; log p(x) is the "
+                   "larger (default 5000)")
+    p.add_argument("--qstar-steps", type=nonneg_int, default=5000, help="at most this many "
+                   "Adam steps per image (default 5000)")
+    p.add_argument("--qstar-lr", type=_positive_float, default=3e-2, help="Adam learning "
+                   "rate of the q* fit (default 0.03; q* averages the iterates of each "
+                   "window, so their jitter of about this size cancels)")
+    p.add_argument("--qstar-tol", type=_positive_float, default=0.05, help="an image has "
+                   "converged when its ELBO (of the window's averaged iterates) improves on "
+                   "the previous window's by less than this many nats (default 0.05)")
+    p.add_argument("--qstar-window", type=positive_int, default=100, help="steps between "
+                   "convergence checks (default 100)")
+    p.add_argument("--qstar-samples", type=positive_int, default=4, help="reparameterized "
+                   "samples per Adam step (default 4)")
+    p.add_argument("--batch-size", type=positive_int, default=500, help="images fitted as "
+                   "one batched problem (bounds memory; default 500)")
+    p.add_argument("--csv", help="per-instance output (default RUN_DIR/gap.csv)")
+    p.add_argument("--data-dir", help="override the run's data directory")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of every random draw "
+                   "(default 0): the same seed gives the same numbers")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     # --- export -----------------------------------------------------------------------
     p = sub.add_parser("export", help="export the marginal encoder x -> (m(x), v(x))",
@@ -234,6 +284,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iwae-samples", type=positive_int, default=100)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
+
+    # --- grid -------------------------------------------------------------------------
+    from .grid.spec import SPEC_HELP
+
+    p = sub.add_parser("grid", help="the paper's protocol: datasets x dims x methods x splits x "
+                       "inits, resumable, local or Slurm, with the paper's tables",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train and score every run of a grid spec (a TOML file), "
+                       "skip finished runs, resume killed ones, record failed ones and go "
+                       "on, then write the paper's tables (Tab. 1-4 layout) to "
+                       "DIR/report/.  Rerun the same command to continue or retry.\n\n"
+                       + SPEC_HELP, epilog="Examples:\n"
+                       "  gpvae grid experiments/example.toml --out runs/example --jobs 2\n"
+                       "  gpvae grid --out runs/example --status\n"
+                       "  gpvae grid --out runs/example --report\n"
+                       "  gpvae grid experiments/mnist_reduced.toml --out runs/mnist "
+                       "--launcher slurm --partition gpu --time 4:00:00 --gpus-per-task 1 "
+                       "--runs-per-task 4")
+    p.add_argument("spec", nargs="?", help="the grid spec (TOML); optional with --status and "
+                   "--report, which then read DIR/grid.toml")
+    p.add_argument("--out", required=True, help="the grid's directory (runs, grid.toml, "
+                   "report/)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--status", action="store_true", help="print done / running / failed / "
+                      "pending per cell (and the failures) and exit")
+    what.add_argument("--report", action="store_true", help="(re)write the tables in "
+                      "DIR/report/ from the finished runs, print the Markdown and exit")
+    p.add_argument("--launcher", choices=("local", "slurm"), help="where the runs go "
+                   "(default: the spec's [launcher] kind, else local)")
+    p.add_argument("--jobs", type=positive_int, help="local: worker processes (default 1: "
+                   "runs in this process)")
+    p.add_argument("--pack", action="store_true", help="local: train the new runs of each "
+                   "cell (its splits x inits) packed, as one torch.func.vmap computation "
+                   "(gpvae.packing; same results up to float rounding; SA and RME cannot be "
+                   "packed and run one by one). Measured slower on CPU: docs/scaling.md")
+    p.add_argument("--partition", help="slurm: the partition")
+    p.add_argument("--time", help="slurm: time limit per array task, minutes or "
+                   "[D-]HH:MM[:SS] (a task cut off is requeued and resumes)")
+    p.add_argument("--gpus-per-task", type=nonneg_int, help="slurm: GPUs per array task")
+    p.add_argument("--cpus-per-task", type=positive_int, help="slurm: CPUs per array task")
+    p.add_argument("--runs-per-task", type=positive_int, help="slurm: runs each array task "
+                   "trains one after the other (default 1)")
+    p.add_argument("--wait", action="store_true", help="slurm: wait for the job array to "
+                   "finish, then write and print the report")
+    p.add_argument("--submitit-cluster", choices=("slurm", "local", "debug"), default="slurm",
+                   help="slurm: submitit's executor; local or debug run the same submission "
+                   "on this machine without sbatch, to try a spec (default slurm)")
+    p.add_argument("--device", help="override the spec's device (cpu, cuda, cuda:N, auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or lines")
 
     # --- bench-inference / bench-train ------------------------------------------------
     for cmd, text in (("bench-inference", "per-batch q(z|x) inference time (paper Tab. 5)"),
@@ -364,6 +463,12 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_grid(args) -> int:
+    from .grid.command import grid_command
+
+    return grid_command(args)
+
+
 def cmd_export(args) -> int:
     from pathlib import Path
 
@@ -391,8 +496,9 @@ def _run(module: str, function: str):
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare,
-            "export": cmd_export, "demo": _run("demo", "run_demo"),
+            "export": cmd_export, "grid": cmd_grid, "demo": _run("demo", "run_demo"),
             "uncertainty": _run("uncertainty", "run_uncertainty"),
+            "gap": _run("gap", "run_gap"),
             "bench-iwae": _run("bench", "bench_iwae"),
             "bench-inference": _run("bench", "bench_inference"),
             "bench-train": _run("bench", "bench_train"),

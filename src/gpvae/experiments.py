@@ -12,7 +12,10 @@ its split across models).
 Models are ``--models`` specs, a method with an optional size in the paper's notation
 (``vae,sa:2,gpvae``: :func:`gpvae.models.parse_model_spec`).  Runs live in
 ``OUT/MODEL/seedS`` (``OUT/sa-2/seed0`` for ``sa:2``) and are resumed or skipped when
-already finished, so a killed comparison continues where it stopped.  Results go to
+already finished, so a killed comparison continues where it stopped.  A comparison is a
+special case of a grid (:mod:`gpvae.grid`): one data set, one latent dimension, one init
+per split; each run is trained and scored by the grid's :func:`gpvae.grid.runs.run_one`
+and keeps its score in ``eval.json``.  Results go to
 ``OUT/results.json`` and ``OUT/results.md`` (atomically).
 """
 from __future__ import annotations
@@ -21,58 +24,63 @@ import json
 import math
 from pathlib import Path
 
-from .checkpoint import atomic_write_text, read_checkpoint
+from .checkpoint import atomic_write_text
 from .devices import resolve_device
-from .evaluation import estimate
+from .errors import ConfigError
+from .grid.runs import RunSpec, run_one
 from .models import parse_model_list, run_dir_name
-from .rundir import CONFIG_FILE, LAST, TrainConfig, load_run, run_test_split
-from .training import train
+from .rundir import TrainConfig
 
 
-def _finished(run_dir: Path, epochs: int) -> bool:
-    """Whether the run has trained exactly ``epochs`` epochs (more is refused by ``train``)."""
-    try:
-        return read_checkpoint(run_dir / LAST)[2]["epoch"] == epochs
-    except Exception:
-        return False
+def compare_runs(models, seeds, *, out, dataset="mnist", data_dir=None, epochs=20,
+                 latent_dim=10, limit_train=None, limit_test=None, iwae_samples=100,
+                 device="cpu", model_options=None) -> list[tuple[str, int, RunSpec]]:
+    """The runs of a comparison as (label, seed, :class:`~gpvae.grid.runs.RunSpec`): run
+    ``OUT/MODEL/seedS`` with ``seed = split_seed = S`` and the test IWAE estimated with
+    seed S, the layout and seeds ``gpvae compare`` has always used."""
+    specs = parse_model_list(models)
+    model_options = model_options or {}
+    runs = []
+    for name, (method, options) in specs.items():
+        for seed in seeds:
+            cfg = TrainConfig(out=str(Path(out) / run_dir_name(name) / f"seed{seed}"),
+                              dataset=dataset, data_dir=data_dir, model=method,
+                              model_options={"latent_dim": latent_dim, **options,
+                                             **model_options.get(name, {})},
+                              epochs=epochs, seed=seed, split_seed=seed,
+                              limit_train=limit_train, limit_test=limit_test, device=device)
+            runs.append((name, seed, RunSpec(cfg=cfg, iwae_samples=iwae_samples,
+                                             eval_seed=seed, label=f"{name} seed {seed}",
+                                             key=(name, seed), tag="compare")))
+    return runs
 
 
 def compare(models, seeds, *, out, dataset="mnist", data_dir=None, epochs=20, latent_dim=10,
             limit_train=None, limit_test=None, iwae_samples=100, device="auto",
             model_options=None, progress=True, log=print) -> dict:
     """Train and score every (model, seed); ``models`` are specs (``"sa:2"``), the first
-    the reference; ``model_options`` optionally maps a spec to further options."""
+    the reference; ``model_options`` optionally maps a spec to further options.
+
+    Each run goes through :func:`gpvae.grid.runs.run_one`, the grid's one code path for
+    training-then-scoring a run (a finished run is reused from its ``eval.json``, a killed
+    one resumed); unlike a grid, the first error stops the comparison."""
     device = resolve_device(device)
     out = Path(out)
-    specs = parse_model_list(models)
-    models = list(specs)  # canonical labels
-    model_options = model_options or {}
-    tests: dict[int, object] = {}  # split seed -> that split's test images
+    models = list(parse_model_list(models))  # canonical labels
     scores: dict[str, dict[int, dict]] = {}
-    for name, (method, options) in specs.items():
-        for seed in seeds:
-            run_dir = out / run_dir_name(name) / f"seed{seed}"
-            cfg = TrainConfig(out=str(run_dir), dataset=dataset, data_dir=data_dir,
-                              model=method,
-                              model_options={"latent_dim": latent_dim, **options,
-                                             **model_options.get(name, {})},
-                              epochs=epochs, seed=seed, split_seed=seed, limit_train=limit_train,
-                              limit_test=limit_test, device=str(device))
-            if not _finished(run_dir, epochs):
-                resume = (run_dir / CONFIG_FILE).is_file()
-                log(f"[compare] {'resuming' if resume else 'training'} {name} seed {seed}")
-                train(cfg, resume=resume, progress=progress)
-            model, run_cfg = load_run(run_dir, "best", device)
-            if seed not in tests:  # every run is scored on its own split's test images
-                tests[seed] = run_test_split(run_cfg, data_dir, limit_test)
-            est = estimate(model, tests[seed], samples=iwae_samples, device=device, seed=seed,
-                           progress=progress).summary()
-            scores.setdefault(name, {})[seed] = est
-            log(f"[compare] {name} seed {seed}: IWAE-{iwae_samples} {est['test_iwae']:.2f} "
-                f"± {est['test_iwae_se']:.2f}")
+    for name, seed, run in compare_runs(models, seeds, out=out, dataset=dataset,
+                                        data_dir=data_dir, epochs=epochs,
+                                        latent_dim=latent_dim, limit_train=limit_train,
+                                        limit_test=limit_test, iwae_samples=iwae_samples,
+                                        device=str(device), model_options=model_options):
+        outcome = run_one(run, progress=progress, log=log, raise_errors=True)
+        if outcome["state"] != "done":  # pragma: no cover - raise_errors raises instead
+            raise ConfigError(f"{run.run_dir}: {outcome['state']}")
+        scores.setdefault(name, {})[seed] = outcome["eval"]["estimate"]
     table = score_table(scores, models, seeds)
+    first = scores[models[0]][seeds[0]]
     result = {"dataset": dataset, "latent_dim": latent_dim, "epochs": epochs,
-              "limit_train": limit_train, "test_images": len(next(iter(tests.values()))),
+              "limit_train": limit_train, "test_images": first["n"],
               "iwae_samples": iwae_samples,
               "seeds": list(seeds), "models": table, "runs": scores}
     out.mkdir(parents=True, exist_ok=True)

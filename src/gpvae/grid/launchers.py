@@ -1,0 +1,230 @@
+"""Where a grid's runs go: this machine (a pool of processes) or a Slurm cluster (submitit).
+
+Both launchers call :func:`gpvae.grid.runs.run_one` on every run and nothing else, so a
+run is trained and scored the same way wherever it goes, finished runs are skipped and
+killed ones resumed wherever the next attempt lands, and a run that another process holds
+is left to it.
+
+* :func:`run_local`: ``jobs`` worker processes (``jobs=1``: in this process, so Ctrl-C
+  and debuggers behave as usual), a progress bar over the runs, the report at the end.
+  With ``pack``, the new runs of each cell are first trained together as one vmapped
+  computation (:func:`train_packs`, :mod:`gpvae.packing`); :func:`run_one` then finds
+  them trained and only scores them (and resumes, one by one, any a kill cut short).
+* :func:`submit_slurm`: one Slurm job array per call through submitit, each array task
+  running ``runs_per_task`` runs one after the other (:class:`RunGroup`) and rewriting the
+  report when it ends; a task that hits its time limit is requeued by submitit and
+  resumes.  Resubmitting the same grid submits only the runs that are neither done nor
+  running.  ``cluster="local"`` (submitit's LocalExecutor: the same submission, run as
+  local processes instead of ``sbatch``) or ``"debug"`` (in this process) test it
+  without a cluster.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .runs import RunSpec, finished_eval, run_one
+from .spec import Grid, Launcher, expand, stored_spec
+
+
+def _outcome_text(counts: dict) -> str:
+    return ", ".join(f"{counts[k]} {k}" for k in ("done", "running", "failed") if counts[k])
+
+
+def train_packs(runs: list[RunSpec], progress: bool = True, log=print) -> dict:
+    """Train the runs that have not started yet, grouped by cell (everything but the seeds
+    equal: :func:`gpvae.packing.pack_key`), each group of two or more of a packable method
+    as one packed computation (:func:`gpvae.packing.train_packed`).  Returns {label:
+    outcome} for the runs that failed there (recorded in ``error.json`` like any failure);
+    the others are left trained for :func:`run_one` to score.  A group that cannot be
+    packed (the method's step does not vmap) is left to :func:`run_one` to train one by one."""
+    from ..errors import GpvaeError
+    from ..models import model_class
+    from ..packing import pack_key, train_packed
+    from ..rundir import CONFIG_FILE
+    from .runs import _record_failure
+
+    cells: dict[str, list[RunSpec]] = {}
+    for run in runs:
+        if (finished_eval(run) is None and not (run.run_dir / CONFIG_FILE).exists()
+                and model_class(run.cfg.model).packable()):
+            cells.setdefault(pack_key(run.cfg), []).append(run)
+    failed: dict[str, dict] = {}
+    for cell in cells.values():
+        if len(cell) < 2:
+            continue
+        log(f"[grid] training {len(cell)} runs packed: {', '.join(r.label for r in cell)}")
+        try:
+            summaries = train_packed([r.cfg for r in cell], progress=progress, log=log)
+        except GpvaeError as exc:  # refused before any work: train them one by one
+            log(f"[grid] not packed ({exc}); they run one by one")
+            continue
+        for run, summary in zip(cell, summaries):
+            if summary.get("error") is not None:
+                failed[run.label] = _record_failure(run, summary["error"], log)
+    return failed
+
+
+def run_local(runs: list[RunSpec], jobs: int = 1, progress: bool = True, log=print,
+              pack: bool = False) -> dict:
+    """Run ``runs`` here with ``jobs`` processes (``pack``: new runs trained packed first,
+    :func:`train_packs`); returns {label: outcome}."""
+    from ..progress import progress_bar
+
+    failed = train_packs(runs, progress=progress, log=log) if pack else {}
+    runs = [run for run in runs if run.label not in failed]
+    outcomes: dict[str, dict] = {}
+    counts = {"done": 0, "running": 0, "failed": 0}
+    bar = progress_bar(len(runs), desc="grid", unit="run", enabled=progress)
+
+    def record(run, outcome):
+        outcomes[run.label] = outcome
+        counts[outcome["state"]] += 1
+        bar.update(1)
+        bar.set_postfix(runs=_outcome_text(counts))
+
+    for label, outcome in failed.items():
+        outcomes[label] = outcome
+        counts["failed"] += 1
+    try:
+        if jobs <= 1:
+            for run in runs:
+                record(run, run_one(run, progress=progress, log=log))
+        else:
+            todo = []
+            for run in runs:  # finished runs need no worker
+                ev = finished_eval(run)
+                if ev is None:
+                    todo.append(run)
+                else:
+                    record(run, {"state": "done", "eval": ev, "error": None})
+            _pool(todo, jobs, progress, record)
+    finally:
+        bar.close()
+    return outcomes
+
+
+def _pool(runs, jobs, progress, record) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    import torch
+
+    from ..progress import progress_mode
+
+    # workers share this terminal: per-epoch lines (never competing redrawn bars), and
+    # only when this process itself writes lines (a log); on a terminal, the grid bar only
+    worker_progress = progress and progress_mode() == "lines"
+    threads = max(1, torch.get_num_threads() // jobs)  # this process's threads, shared
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
+                             initargs=(threads,)) as pool:
+        futures = {pool.submit(_worker_run, run, worker_progress): run for run in runs}
+        try:
+            for future in as_completed(futures):
+                record(futures[future], future.result())
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    os.environ.setdefault("GPVAE_PROGRESS", "lines")
+    torch.set_num_threads(threads)
+
+
+def _worker_run(run: RunSpec, progress: bool) -> dict:
+    from ..progress import echo
+
+    return run_one(run, progress=progress, log=echo)
+
+
+# --------------------------------------------------------------------------------------
+# Slurm through submitit
+# --------------------------------------------------------------------------------------
+class RunGroup:
+    """What one Slurm array task runs: its runs one after the other, then the report.
+    Picklable; ``checkpoint`` lets submitit requeue a task that hits its time limit or is
+    preempted (the runs resume where they stopped)."""
+
+    def __init__(self, out: str, progress: bool = True, threads: int | None = None):
+        self.out = out
+        self.progress = progress
+        self.threads = threads  # CPU threads of torch: the task's CPUs, not the node's
+
+    def __call__(self, runs: list[RunSpec]) -> dict:
+        from ..progress import echo
+
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        outcomes = {run.label: run_one(run, progress=self.progress, log=echo)
+                    for run in runs}
+        g = stored_spec(self.out)
+        if g is not None:
+            from .report import write_report
+
+            write_report(g, expand(g, self.out), self.out)
+        return {label: o["state"] for label, o in outcomes.items()}
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def executor_parameters(la: Launcher) -> dict:
+    """submitit ``update_parameters`` keywords for a launcher table (None: not set)."""
+    params = {"name": "gpvae-grid", "timeout_min": la.time_min,
+              "gpus_per_node": la.gpus_per_task, "cpus_per_task": la.cpus_per_task,
+              "mem_gb": la.mem_gb, "tasks_per_node": 1, "nodes": 1,
+              "slurm_partition": la.partition,
+              "slurm_array_parallelism": la.array_parallelism,
+              "slurm_setup": la.setup or None,
+              "slurm_additional_parameters": dict(la.sbatch) or None}
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def make_executor(folder, la: Launcher, cluster: str = "slurm"):
+    """A submitit executor for the launcher table: ``cluster`` ``slurm`` (sbatch), ``local``
+    (submitit's LocalExecutor) or ``debug`` (in this process)."""
+    from ..errors import ConfigError
+
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError("the slurm launcher needs submitit: pip install 'gpvae[slurm]' "
+                          "(or pip install submitit)") from None
+    try:
+        executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(f"submitit cannot use cluster {cluster!r}: {exc}") from None
+    params = executor_parameters(la)
+    if cluster != "slurm":  # the local executors run one task on this machine
+        params = {k: v for k, v in params.items() if not k.startswith("slurm_")
+                  and k not in ("mem_gb", "cpus_per_task")}
+    executor.update_parameters(**params)
+    return executor
+
+
+def groups(runs: list, size: int) -> list[list]:
+    """``runs`` in consecutive groups of ``size`` (the last may be smaller)."""
+    return [runs[i:i + size] for i in range(0, len(runs), size)]
+
+
+def submit_slurm(g: Grid, runs: list[RunSpec], out, cluster: str = "slurm",
+                 progress: bool = True, executor=None) -> list:
+    """Submit ``runs`` (those neither done nor running) as one job array, ``runs_per_task``
+    runs per array task; returns the submitit jobs (empty when nothing is left to run)."""
+    from .status import run_state
+
+    todo = [run for run in runs if run_state(run)[0] in ("pending", "failed")]
+    if not todo:
+        return []
+    if executor is None:
+        executor = make_executor(Path(out) / "slurm" / "%j", g.launcher, cluster)
+    task = RunGroup(str(out), progress=progress, threads=g.launcher.cpus_per_task)
+    return executor.map_array(task, groups(todo, g.launcher.runs_per_task))
