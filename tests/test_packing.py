@@ -12,14 +12,12 @@ import pytest
 import torch
 from torch.func import vmap
 
-from gpvae import cholesky
+from gpvae import cholesky, special
 from gpvae.checkpoint import read_checkpoint
 from gpvae.data import ImageData, Splits
 from gpvae.errors import ConfigError, TrainingDivergedError, UnsupportedError
 from gpvae.models import MODELS, VAE, build_model
-from gpvae.packing import (Pack, ReplicaStreams, _ReplicaRandomness,
-                           _StackedBlockedCholeskyQuadratic, _functorch_rules, pack_key,
-                           train_packed)
+from gpvae.packing import Pack, ReplicaStreams, _ReplicaRandomness, pack_key, train_packed
 from gpvae.rundir import TrainConfig
 from gpvae.training import model_optimizer, train
 
@@ -155,15 +153,16 @@ def test_train_packed_equals_train_run_by_run(tmp_path, monkeypatch, fake_data, 
     """Three replicas (two init seeds on one split, a third seed on another split), 2 epochs
     of 3 steps (16, 16 and 8 images): every file of every packed run matches training.train's
     run of the same config, each replica keeps its own best epoch."""
-    import gpvae.packing
     import gpvae.training
 
-    monkeypatch.setattr(gpvae.training, "estimate", _Offsets(gpvae.training.estimate))
-    monkeypatch.setattr(gpvae.packing, "estimate", _Offsets(gpvae.packing.estimate))
+    estimate = gpvae.training.estimate
+    monkeypatch.setattr(gpvae.training, "estimate", _Offsets(estimate))
     runs = [(11, 0), (12, 0), (13, 1)]
     for i, (seed, split) in enumerate(runs):
         train(_cfg(tmp_path / f"alone{i}", model, options, seed, split, batch_size=16),
               progress=False)
+    # packed runs validate through train's own end of epoch: the same offsets, counted anew
+    monkeypatch.setattr(gpvae.training, "estimate", _Offsets(estimate))
     lines = []
     summaries = train_packed([_cfg(tmp_path / f"packed{i}", model, options, seed, split,
                                    batch_size=16) for i, (seed, split) in enumerate(runs)],
@@ -418,38 +417,129 @@ def test_packs_must_differ_only_in_out_and_seeds(tmp_path):
 
 
 # --------------------------------------------------------------------------------------
-# The GPVAE's quadratic forms over replicas
+# vmap rules of the GPVAE's custom autograd Functions: vmap over replicas gives, forward and
+# backward, what a Python loop over the replicas gives
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("with_frobenius", [True, False])
-def test_stacked_quadratic_forms_equal_the_per_replica_function(with_frobenius):
-    """_StackedBlockedCholeskyQuadratic (and the vmap rule that uses it) gives, forward and
-    backward, what cholesky's per-model Function gives for each replica."""
-    reps, rows_, d, p, b = 3, 5, 4, 12, 4
-    g = torch.Generator().manual_seed(0)
-    dt = torch.float64
-    psi = torch.randn(reps, rows_, p, generator=g, dtype=dt, requires_grad=True)
+def _vmap_equals_loop(fn, args, in_dims, reps, weights, rtol=1e-12):
+    """vmap(fn, in_dims)(*args) and [fn(replica r's args) for r] agree: outputs, and the
+    gradients of sum_r <weights[r], outputs_r> (an output whose weight is None left out)
+    with respect to every tensor in ``args`` that requires grad (an argument with in_dim
+    None is shared by all replicas: its gradient is the sum over them)."""
+    def rows(r):
+        return [a.select(d, r) if d is not None else a for a, d in zip(args, in_dims)]
+
+    def weighted(outs, w):
+        return sum((o * wo).sum() for o, wo in zip(outs, w) if wo is not None)
+
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    got = vmap(fn, in_dims=in_dims)(*args)
+    got_grads = torch.autograd.grad(weighted(got, weights), inputs)
+    want = [fn(*rows(r)) for r in range(reps)]
+    want_grads = torch.autograd.grad(
+        sum(weighted(w, [None if wo is None else wo[r] for wo in weights])
+            for r, w in enumerate(want)), inputs)
+    for k, out in enumerate(got):
+        for r in range(reps):
+            torch.testing.assert_close(out[r], want[r][k], rtol=rtol, atol=rtol)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=rtol, atol=rtol)
+
+
+def _blocked_factors(reps, d, p, b, g, dt=torch.float64):
     log_diag = (0.3 * torch.randn(reps, d, p, generator=g, dtype=dt)).requires_grad_()
     blocks = torch.randn(reps, cholesky.chol_storage_rows(p, b), d, b, generator=g, dtype=dt,
                          requires_grad=True)
-    w_q = torch.randn(reps, rows_, d, generator=g, dtype=dt)
-    w_f = torch.randn(reps, generator=g, dtype=dt)
-    mask = cholesky.strict_lower_mask(b, blocks)
-    inputs = (psi, log_diag, blocks)
+    return log_diag, blocks
 
-    def grads(q, f):
-        return torch.autograd.grad((q * w_q).sum() + (f * w_f).sum(), inputs)
 
-    q, f = _StackedBlockedCholeskyQuadratic.apply(psi, log_diag, blocks, b, mask,
-                                                  with_frobenius)
-    got = grads(q, f)
-    with _functorch_rules():
-        qv, fv = vmap(lambda *a: cholesky._quadratic_and_frobenius(*a, b, None,
-                                                                   with_frobenius))(*inputs)
+@pytest.mark.parametrize("with_frobenius", [True, False])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("loss", ["q+f", "q", "f"])
+def test_vmap_of_the_blocked_quadratic_form_equals_a_loop_over_replicas(with_frobenius,
+                                                                         shared, loss):
+    """cholesky._BlockedCholeskyQuadratic under vmap (its rule:
+    _StackedBlockedCholeskyQuadratic, all replicas in one pass) = the Function per replica:
+    q and f, and the gradients in psi, log_diag and blocks of a loss of both or of one of
+    them (the other's gradient None in backward).  psi is vmapped along its second
+    dimension, the mask is stacked per replica (as the model's buffer is in a pack);
+    ``shared``: one log_diag for all replicas (not vmapped: its gradient sums theirs)."""
+    reps, lead, d, p, b = 3, (2, 3), 4, 12, 4
+    g = torch.Generator().manual_seed(0)
+    dt = torch.float64
+    psi = torch.randn(lead[0], reps, lead[1], p, generator=g, dtype=dt, requires_grad=True)
+    log_diag, blocks = _blocked_factors(reps, d, p, b, g)
+    if shared:
+        log_diag = log_diag[0].detach().requires_grad_()
+    mask = cholesky.strict_lower_mask(b, blocks).expand(reps, 1, b, 1, b)
+    weights = (torch.randn(reps, *lead, d, generator=g, dtype=dt) if "q" in loss else None,
+               torch.randn(reps, generator=g, dtype=dt) if "f" in loss else None)
+
+    def quad(psi, log_diag, blocks, mask):
+        return cholesky._quadratic_and_frobenius(psi, log_diag, blocks, b, mask,
+                                                 with_frobenius)
+
+    _vmap_equals_loop(quad, (psi, log_diag, blocks, mask), (1, None if shared else 0, 0, 0),
+                      reps, weights)
+    # and the stacked Function called directly, psi's replica dimension first
+    q, f = cholesky._StackedBlockedCholeskyQuadratic.apply(
+        psi.transpose(0, 1), log_diag.expand(reps, d, p), blocks, b,
+        cholesky.strict_lower_mask(b, blocks), with_frobenius)[:2]
     for r in range(reps):
-        qr, fr = cholesky._BlockedCholeskyQuadratic.apply(psi[r], log_diag[r], blocks[r], b,
-                                                          mask, with_frobenius)
-        want = torch.autograd.grad((qr * w_q[r]).sum() + (fr * w_f[r]).sum(), inputs)
-        for a, c in ((q[r], qr), (f[r], fr), (qv[r], qr), (fv[r], fr),
-                     *((x[r], y[r]) for x, y in zip(got, want))):
-            torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
-    assert cholesky._BlockedCholeskyQuadratic.__name__ == "_BlockedCholeskyQuadratic"
+        qr, fr = quad(psi[:, r], log_diag if shared else log_diag[r], blocks[r], None)
+        torch.testing.assert_close(q[r], qr, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(f[r], fr, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_vmap_of_the_blocked_frobenius_norm_equals_a_loop_over_replicas(shared):
+    """cholesky._BlockedFrobenius under vmap (its rule: one call per replica) = the Function
+    per replica, value and gradients; ``shared``: one blocks tensor for all replicas."""
+    reps, d, p, b = 3, 2, 8, 4
+    g = torch.Generator().manual_seed(1)
+    log_diag, blocks = _blocked_factors(reps, d, p, b, g)
+    if shared:
+        blocks = blocks[0].detach().requires_grad_()
+
+    def frob(log_diag, blocks):
+        return (cholesky.blocked_frobenius(log_diag, blocks, b),)
+
+    _vmap_equals_loop(frob, (log_diag, blocks), (0, None if shared else 0), reps,
+                      (torch.randn(reps, generator=g, dtype=torch.float64),))
+
+
+@pytest.mark.parametrize("in_dims", [(0, 0), (1, None), (None, 0)])
+def test_vmap_of_the_closed_form_expected_log_square_equals_a_loop_over_replicas(monkeypatch,
+                                                                                  in_dims):
+    """special._ExpectedLogSquare under vmap (its rule: element-wise, one call on the
+    stacked operands) = the Function per replica, values and gradients in a and s2, on both
+    branches (t = a^2 / (2 s2) below and above T_SWITCH); one operand shared (in_dim None)
+    or vmapped along another dimension.  The rule computes the derivatives with the values
+    exactly when autograd needs them (a tensor batched by vmap says requires_grad False)."""
+    reps, n = 3, 40
+    g = torch.Generator().manual_seed(2)
+    dt = torch.float64
+    shape = {0: (reps, n), 1: (n, reps), None: (n,)}
+    a = (10.0 * torch.randn(shape[in_dims[0]], generator=g, dtype=dt)).requires_grad_()
+    s2 = (0.01 + torch.rand(shape[in_dims[1]], generator=g, dtype=dt)).requires_grad_()
+
+    def els(a, s2):
+        return (special.expected_log_square(a, s2),)
+
+    t = vmap(lambda a, s2: a.square() / (2.0 * s2), in_dims=in_dims)(a, s2)
+    assert (t < special.T_SWITCH).sum(1).min() > 5 and (t > special.T_SWITCH).sum(1).min() > 5
+    _vmap_equals_loop(els, (a, s2), in_dims, reps, (torch.randn(reps, n, generator=g,
+                                                                dtype=dt),))
+    needs = []
+    exact = special._exact_with_grads
+
+    def recorded(a, s2, need_grad, *args):
+        needs.append(need_grad)
+        return exact(a, s2, need_grad, *args)
+
+    monkeypatch.setattr(special, "_exact_with_grads", recorded)
+    with_grad = vmap(lambda a, s2: els(a, s2)[0], in_dims=in_dims)(a, s2)
+    with torch.no_grad():
+        without = vmap(lambda a, s2: els(a, s2)[0], in_dims=in_dims)(a, s2)
+    assert needs == [True, False]
+    assert with_grad.requires_grad and not without.requires_grad
+    assert torch.equal(with_grad.detach(), without)

@@ -30,6 +30,9 @@ multiply-adds, forward and backward (:func:`blocked_cholesky_quadratic_form`, a 
 autograd function that reads the stored blocks in place and writes their gradient in
 place: no dense factor is built while training; the same pass gives the
 sum_j ||L_j||_F^2 of the global KL, whose gradient it adds to the same buffer).
+Under :func:`torch.func.vmap` over a leading replica dimension (packed training,
+:mod:`gpvae.packing`) the same products run for all replicas at once
+(:class:`_StackedBlockedCholeskyQuadratic`, the function's vmap rule).
 :func:`cholesky_quadratic_form` is the same form for dense factors (d, p, p)
 (:func:`blocked_to_dense`, :func:`dense_to_blocked` convert).  Without gradients both
 forms of eq. (13) are computed together (:func:`stacked_blocked_quadratic_forms`).  The
@@ -212,14 +215,18 @@ class _BlockedCholeskyQuadratic(torch.autograd.Function):
     d log_diag), dS_K = psi[:, (K + 1) b:]^T G[K] straight into the gradient's slab rows;
     then f's gradient 2 df L added in place and the unused entries zeroed.  (f rides along
     so that the KL of eq. 15 adds to the same gradient buffer instead of a second one.)
+
+    Written for torch.func (forward without ctx, :meth:`setup_context`): the intermediates
+    backward needs (exp(log_diag), the D_K, P) are extra, non-differentiable outputs that
+    the caller drops.  Under :func:`torch.func.vmap` (packed training,
+    :mod:`gpvae.packing`) :meth:`vmap` runs all replicas through
+    :class:`_StackedBlockedCholeskyQuadratic`, the same products with a replica dimension.
     """
 
     @staticmethod
-    def forward(ctx, psi, log_diag, blocks, block, mask, with_frobenius):
-        ctx.set_materialize_grads(False)
+    def forward(psi, log_diag, blocks, block, mask, with_frobenius):
         d, p = log_diag.shape
         n, b = p // block, block
-        lead = psi.shape[:-1]
         x = psi.reshape(-1, p).contiguous()
         rows = x.shape[0]
         dg, diag = _diagonal_blocks(log_diag, blocks, b, mask)
@@ -234,16 +241,25 @@ class _BlockedCholeskyQuadratic(torch.autograd.Function):
             frob = dg.square().sum() + torch.dot(slab_part, slab_part)
         else:
             frob = blocks.new_zeros(())
-        ctx.save_for_backward(x, diag, blocks, dg, proj, mask)
-        ctx.block, ctx.lead = b, lead
-        return q.view(*lead, d), frob
+        return q.view(*psi.shape[:-1], d), frob, diag, dg, proj
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        psi, _, blocks, block, mask, _ = inputs
+        _, _, diag, dg, proj = output
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(diag, dg, proj)
+        ctx.save_for_backward(psi, diag, blocks, dg, proj, mask)
+        ctx.block = block
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_q, grad_frob):
-        x, diag, blocks, dg, proj, mask = ctx.saved_tensors
+    def backward(ctx, grad_q, grad_frob, *_):
+        psi, diag, blocks, dg, proj, mask = ctx.saved_tensors
         b = ctx.block
         d, p = diag.shape
+        lead = psi.shape[:-1]
+        x = psi.reshape(-1, p).contiguous()  # as forward had it (a view, if psi is contiguous)
         n, rows = p // b, x.shape[0]
         grad_psi = grad_log_diag = grad_blocks = None
         need_psi, need_log_diag, need_blocks = ctx.needs_input_grad[:3]
@@ -253,13 +269,13 @@ class _BlockedCholeskyQuadratic(torch.autograd.Function):
             gs = g.unbind(0)
         if need_psi:
             if grad_q is None:
-                grad_psi = x.new_zeros(*ctx.lead, p)
+                grad_psi = x.new_zeros(*lead, p)
             else:
                 grad_psi = torch.bmm(g, dg.view(n, b, d * b).transpose(1, 2))  # (n, B, b)
                 grad_psi = grad_psi.transpose(0, 1).reshape(rows, p)
                 for k, slab in enumerate(_slabs(blocks, p, b)):
                     grad_psi[:, (k + 1) * b:].addmm_(gs[k], slab.t())
-                grad_psi = grad_psi.view(*ctx.lead, p)
+                grad_psi = grad_psi.view(*lead, p)
         if need_log_diag or need_blocks:
             if grad_q is None:
                 grad_blocks = torch.zeros_like(blocks)
@@ -285,6 +301,113 @@ class _BlockedCholeskyQuadratic(torch.autograd.Function):
                 grad_blocks = None
         return grad_psi, grad_log_diag, grad_blocks, None, None, None
 
+    @staticmethod
+    def vmap(info, in_dims, psi, log_diag, blocks, block, mask, with_frobenius):
+        """All replicas in one :class:`_StackedBlockedCholeskyQuadratic` pass (an operand
+        without the replica dimension is shared by all replicas: expanded; the mask, which
+        only broadcasts, is used as given)."""
+        psi, log_diag, blocks = (_replicas_first(t, dim, info.batch_size)
+                                 for t, dim in zip((psi, log_diag, blocks), in_dims))
+        if in_dims[4] is not None:  # e.g. the model's buffer, stacked: (R, 1, b, 1, b)
+            mask = mask.movedim(in_dims[4], 0)
+        out = _StackedBlockedCholeskyQuadratic.apply(psi, log_diag, blocks.contiguous(), block,
+                                                     mask, with_frobenius)
+        return out, (0,) * len(out)
+
+
+def _replicas_first(t: torch.Tensor, dim: int | None, size: int) -> torch.Tensor:
+    """A vmap rule's operand with the vmapped (replica) dimension first; one without it
+    (``dim`` None: the same for every replica) expanded to ``size`` replicas."""
+    return t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
+
+
+def _stacked_slabs(blocks: torch.Tensor, p: int, block: int) -> tuple[torch.Tensor, ...]:
+    """:func:`_slabs` with a leading replica dimension: (R, p - (K + 1) b, d b) views."""
+    reps, _, d, _ = blocks.shape
+    return blocks[:, p:].reshape(reps, -1, d * block).split(_slab_rows(p, block), dim=1)
+
+
+class _StackedBlockedCholeskyQuadratic(torch.autograd.Function):
+    """:class:`_BlockedCholeskyQuadratic` for R replicas at once (its vmap rule): psi
+    (R, ..., p), log_diag (R, d, p), blocks (R, rows, d, b), mask (1, b, 1, b) or one per
+    replica (R, 1, b, 1, b) -> q (R, ..., d) and the R Frobenius terms (R,), plus the
+    intermediates for backward.  The same products with a leading replica dimension: the
+    diagonal blocks of all replicas in one batched product, each sub-diagonal slab as one
+    ``baddbmm`` over replicas (forward and backward).  No vmap rule of its own: a vmap
+    inside the packed step's is refused by torch.func."""
+
+    @staticmethod
+    def forward(psi, log_diag, blocks, block, mask, with_frobenius):
+        reps, d, p = log_diag.shape
+        n, b = p // block, block
+        x = psi.reshape(reps, -1, p).contiguous()
+        rows = x.shape[1]
+        diag = torch.exp(log_diag)
+        dg = blocks[:, :p].reshape(reps, n, b, d, b) * mask
+        dg.diagonal(dim1=2, dim2=4).copy_(diag.view(reps, d, n, b).transpose(1, 2))
+        xb = x.view(reps, rows, n, b).transpose(1, 2)  # (R, n, rows, b)
+        proj = torch.matmul(xb, dg.view(reps, n, b, d * b))  # (R, n, rows, d b)
+        for k, slab in enumerate(_stacked_slabs(blocks, p, b)):
+            proj[:, k].baddbmm_(x[:, :, (k + 1) * b:], slab)
+        q = torch.linalg.vector_norm(proj.view(reps, n, rows * d, b), dim=-1).square_().sum(1)
+        if with_frobenius:
+            slab_part = blocks[:, p:].reshape(reps, -1)
+            frob = (dg.square().sum((1, 2, 3, 4))
+                    + torch.linalg.vecdot(slab_part, slab_part))
+        else:
+            frob = blocks.new_zeros(reps)
+        return q.view(*psi.shape[:-1], d), frob, diag, dg, proj
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _BlockedCholeskyQuadratic.setup_context(ctx, inputs, output)  # the same saved tensors
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_q, grad_frob, *_):
+        psi, diag, blocks, dg, proj, mask = ctx.saved_tensors
+        b = ctx.block
+        reps, d, p = diag.shape
+        lead = psi.shape[1:-1]
+        x = psi.reshape(reps, -1, p).contiguous()
+        n, rows = p // b, x.shape[1]
+        grad_psi = grad_log_diag = grad_blocks = None
+        need_psi, need_log_diag, need_blocks = ctx.needs_input_grad[:3]
+        if grad_q is not None:
+            g = (proj.view(reps, n, rows, d, b)
+                 * (2.0 * grad_q.reshape(reps, 1, rows, d, 1))).view(reps, n, rows, d * b)
+        if need_psi:
+            if grad_q is None:
+                grad_psi = x.new_zeros(reps, *lead, p)
+            else:
+                grad_psi = torch.matmul(g, dg.view(reps, n, b, d * b).transpose(-1, -2))
+                grad_psi = grad_psi.transpose(1, 2).reshape(reps, rows, p)
+                for k, slab in enumerate(_stacked_slabs(blocks, p, b)):
+                    grad_psi[:, :, (k + 1) * b:].baddbmm_(g[:, k], slab.transpose(1, 2))
+                grad_psi = grad_psi.view(reps, *lead, p)
+        if need_log_diag or need_blocks:
+            if grad_q is None:
+                grad_blocks = torch.zeros_like(blocks)
+            else:
+                grad_blocks = torch.empty_like(blocks)
+                xb = x.view(reps, rows, n, b).permute(0, 2, 3, 1)  # (R, n, b, rows)
+                grad_blocks[:, :p].view(reps, n, b, d * b).copy_(torch.matmul(xb, g))
+                for k, out in enumerate(_stacked_slabs(grad_blocks, p, b)):
+                    out.copy_(torch.bmm(x[:, :, (k + 1) * b:].transpose(1, 2), g[:, k]))
+            grad_dg = grad_blocks[:, :p].view(reps, n, b, d, b)
+            grad_log_diag = grad_dg.diagonal(dim1=2, dim2=4).transpose(1, 2).reshape(reps, d, p)
+            if grad_frob is not None:  # d f / d L = 2 L
+                grad2 = 2.0 * grad_frob
+                grad_log_diag = grad_log_diag + grad2.view(reps, 1, 1) * diag
+                grad_blocks.addcmul_(blocks, grad2.view(reps, 1, 1, 1))
+            grad_log_diag = grad_log_diag * diag
+            grad_dg.mul_(mask)  # unused entries: no gradient
+            if not need_log_diag:
+                grad_log_diag = None
+            if not need_blocks:
+                grad_blocks = None
+        return grad_psi, grad_log_diag, grad_blocks, None, None, None
+
 
 def _quadratic_and_frobenius(psi, log_diag, blocks, block, mask=None, with_frobenius=True):
     """(psi^T L_j L_j^T psi (..., d), sum_j ||L_j||_F^2) from column-blocked factors (the
@@ -292,7 +415,7 @@ def _quadratic_and_frobenius(psi, log_diag, blocks, block, mask=None, with_frobe
     _check_blocked(log_diag, blocks, block)
     blocks = blocks.contiguous()  # (a no-op for the model's parameters)
     return _BlockedCholeskyQuadratic.apply(psi, log_diag, blocks, block,
-                                           _mask_for(block, blocks, mask), with_frobenius)
+                                           _mask_for(block, blocks, mask), with_frobenius)[:2]
 
 
 def blocked_cholesky_quadratic_form(psi: torch.Tensor, log_diag: torch.Tensor,
@@ -319,17 +442,21 @@ def blocked_cholesky_quadratic_form(psi: torch.Tensor, log_diag: torch.Tensor,
 
 class _BlockedFrobenius(torch.autograd.Function):
     """||L_j||_F^2 summed over j from column-blocked storage: the used (strictly-lower)
-    stored entries squared plus exp(2 log_diag)."""
+    stored entries squared plus exp(2 log_diag).  Under :func:`torch.func.vmap`, one call
+    per replica (:meth:`vmap`)."""
 
     @staticmethod
-    def forward(ctx, log_diag, blocks, block, mask):
+    def forward(log_diag, blocks, block, mask):
         d, p = log_diag.shape
         slabs = blocks[p:].reshape(-1)
-        total = ((blocks[:p].view(p // block, block, d, block) * mask).square().sum()
-                 + torch.dot(slabs, slabs) + torch.exp(2.0 * log_diag).sum())
+        return ((blocks[:p].view(p // block, block, d, block) * mask).square().sum()
+                + torch.dot(slabs, slabs) + torch.exp(2.0 * log_diag).sum())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        log_diag, blocks, block, mask = inputs
         ctx.save_for_backward(log_diag, blocks, mask)
         ctx.block = block
-        return total
 
     @staticmethod
     @once_differentiable
@@ -341,6 +468,15 @@ class _BlockedFrobenius(torch.autograd.Function):
         grad_blocks = blocks * grad2
         grad_blocks[:p].view(p // b, b, d, b).mul_(mask)
         return torch.exp(2.0 * log_diag) * grad2, grad_blocks, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, log_diag, blocks, block, mask):
+        """Each replica's own call (a scalar per replica: a loop costs little), stacked."""
+        args = (log_diag, blocks, block, mask)
+        return torch.stack([
+            _BlockedFrobenius.apply(*(a.select(dim, i) if dim is not None else a
+                                      for a, dim in zip(args, in_dims)))
+            for i in range(info.batch_size)]), 0
 
 
 def blocked_frobenius(log_diag: torch.Tensor, blocks: torch.Tensor, block: int,

@@ -18,13 +18,14 @@ files, up to float rounding):
   that is R independent Adams;
 * data: each replica has its own split (``split_seed``) and its own shuffle;
 * model selection and divergence are per replica: after every epoch each replica's weights
-  are loaded into an ordinary module, scored on its own validation split by
-  :func:`gpvae.evaluation.estimate` and checkpointed by the same code as ``train``
-  (``config.json``, ``last``/``best`` checkpoints with optimizer state, ``metrics.csv``), so
-  evaluation, ``--resume`` and every reader of run directories treat packed runs like any
-  other.  A replica whose loss, gradients, weights or validation ELBO go non-finite is
-  stopped with the error ``train`` would raise (its directory keeps its last good epoch, as
-  ``train`` leaves it) and dropped from the pack before the optimizer step; the others go on.
+  are loaded into an ordinary module and go through ``train``'s own end of epoch
+  (:func:`gpvae.training.finish_epoch`: scored on its own validation split, ``last`` and
+  ``best`` checkpoints with optimizer state, ``metrics.csv``; ``config.json`` is written as
+  ``train`` writes it), so evaluation, ``--resume`` and every reader of run directories
+  treat packed runs like any other.  A replica whose loss, gradients, weights or validation
+  ELBO go non-finite is stopped with the error ``train`` would raise (its directory keeps
+  its last good epoch, as ``train`` leaves it) and dropped from the pack before the
+  optimizer step; the others go on.
 
 Randomness
 ----------
@@ -49,13 +50,13 @@ A method is packed if its class says so
 (:meth:`~gpvae.models.base.LatentVariableModel.packable`) and a one-step probe of its
 vmapped training step succeeds before anything is written (SA's autograd inside
 ``posterior`` and RME's stage schedule, which reads tensor values, fail there); otherwise
-:func:`train_packed` raises a one-line :class:`~gpvae.errors.UnsupportedError`.  Custom
-autograd Functions written for plain autograd (the GPVAE's blocked-Cholesky quadratic forms
-of eq. 13 and the closed form of eq. 16) have no vmap rule; :func:`_functorch_rules`
-supplies them while a packed step runs (the quadratic forms batched over replicas by
-:class:`_StackedBlockedCholeskyQuadratic`).  vmap cannot run channels-last (NHWC)
-convolutions, so the packed step runs the networks NCHW: the same values, other kernels,
-so packed and one-at-a-time runs agree to float rounding, not bit for bit.
+:func:`train_packed` raises a one-line :class:`~gpvae.errors.UnsupportedError`.  A custom
+autograd Function in a training step needs a vmap rule of its own (the GPVAE's have them:
+the blocked-Cholesky quadratic forms of eq. 13 run for all replicas at once,
+:class:`gpvae.cholesky._StackedBlockedCholeskyQuadratic`; the closed form of eq. 16 is
+element-wise).  vmap cannot run channels-last (NHWC) convolutions, so the packed step runs
+the networks NCHW: the same values, other kernels, so packed and one-at-a-time runs agree
+to float rounding, not bit for bit.
 """
 from __future__ import annotations
 
@@ -74,17 +75,15 @@ from torch.func import functional_call, stack_module_state, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from . import cholesky, special
-from .checkpoint import atomic_write_text, remove_orphan_temps, save_checkpoint
+from .checkpoint import atomic_write_text, remove_orphan_temps
 from .devices import resolve_device
 from .errors import ConfigError, DataError, GpvaeError, UnsupportedError, describe
-from .evaluation import estimate
 from .networks import set_channels_last
 from .progress import progress_bar
-from .rundir import (BEST, CONFIG_FILE, LAST, METRICS, RUN_FILES, TrainConfig,
-                     build_from_config, check_out_path, locked_run_dir, require_empty)
-from .training import (_diverged, _metrics_csv, _summary, _tensorboard, epoch_seed, make_adam,
-                       metric_fields, model_optimizer)
+from .rundir import (CONFIG_FILE, RUN_FILES, TrainConfig, build_from_config, check_out_path,
+                     locked_run_dir, require_empty)
+from .training import (epoch_seed, finish_epoch, make_adam, metric_fields, model_optimizer,
+                       run_summary, step_error, tensorboard_writer)
 
 _functorch = torch._C._functorch
 
@@ -242,175 +241,6 @@ class _ReplicaRandomness(TorchFunctionMode):
 
 
 # --------------------------------------------------------------------------------------
-# vmap rules for custom autograd Functions written for plain autograd
-# --------------------------------------------------------------------------------------
-class _StackedBlockedCholeskyQuadratic(torch.autograd.Function):
-    """:class:`gpvae.cholesky._BlockedCholeskyQuadratic` for R replicas at once: psi
-    (R, ..., p), log_diag (R, d, p), blocks (R, rows, d, b) -> q (R, ..., d) and the R
-    Frobenius terms (R,).  The same products with a leading replica dimension: the diagonal
-    blocks of all replicas in one batched product, each sub-diagonal slab as one
-    ``baddbmm`` over replicas (forward and backward)."""
-
-    @staticmethod
-    def forward(ctx, psi, log_diag, blocks, block, mask, with_frobenius):
-        ctx.set_materialize_grads(False)
-        reps, d, p = log_diag.shape
-        n, b = p // block, block
-        lead = psi.shape[1:-1]
-        x = psi.reshape(reps, -1, p).contiguous()
-        rows = x.shape[1]
-        diag = torch.exp(log_diag)
-        dg = blocks[:, :p].reshape(reps, n, b, d, b) * mask
-        dg.diagonal(dim1=2, dim2=4).copy_(diag.view(reps, d, n, b).transpose(1, 2))
-        xb = x.view(reps, rows, n, b).transpose(1, 2)  # (R, n, rows, b)
-        proj = torch.matmul(xb, dg.view(reps, n, b, d * b))  # (R, n, rows, d b)
-        slabs = _stacked_slabs(blocks, p, b)
-        for k, slab in enumerate(slabs):
-            proj[:, k].baddbmm_(x[:, :, (k + 1) * b:], slab)
-        q = torch.linalg.vector_norm(proj.view(reps, n, rows * d, b), dim=-1).square_().sum(1)
-        if with_frobenius:
-            slab_part = blocks[:, p:].reshape(reps, -1)
-            frob = (dg.square().sum((1, 2, 3, 4))
-                    + torch.linalg.vecdot(slab_part, slab_part))
-        else:
-            frob = blocks.new_zeros(reps)
-        ctx.save_for_backward(x, diag, blocks, dg, proj, mask)
-        ctx.block, ctx.lead = b, lead
-        return q.view(reps, *lead, d), frob
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_q, grad_frob):
-        x, diag, blocks, dg, proj, mask = ctx.saved_tensors
-        b = ctx.block
-        reps, d, p = diag.shape
-        n, rows = p // b, x.shape[1]
-        grad_psi = grad_log_diag = grad_blocks = None
-        need_psi, need_log_diag, need_blocks = ctx.needs_input_grad[:3]
-        if grad_q is not None:
-            g = (proj.view(reps, n, rows, d, b)
-                 * (2.0 * grad_q.reshape(reps, 1, rows, d, 1))).view(reps, n, rows, d * b)
-        if need_psi:
-            if grad_q is None:
-                grad_psi = x.new_zeros(reps, *ctx.lead, p)
-            else:
-                grad_psi = torch.matmul(g, dg.view(reps, n, b, d * b).transpose(-1, -2))
-                grad_psi = grad_psi.transpose(1, 2).reshape(reps, rows, p)
-                for k, slab in enumerate(_stacked_slabs(blocks, p, b)):
-                    grad_psi[:, :, (k + 1) * b:].baddbmm_(g[:, k], slab.transpose(1, 2))
-                grad_psi = grad_psi.view(reps, *ctx.lead, p)
-        if need_log_diag or need_blocks:
-            if grad_q is None:
-                grad_blocks = torch.zeros_like(blocks)
-            else:
-                grad_blocks = torch.empty_like(blocks)
-                xb = x.view(reps, rows, n, b).permute(0, 2, 3, 1)  # (R, n, b, rows)
-                grad_blocks[:, :p].view(reps, n, b, d * b).copy_(torch.matmul(xb, g))
-                for k, out in enumerate(_stacked_slabs(grad_blocks, p, b)):
-                    out.copy_(torch.bmm(x[:, :, (k + 1) * b:].transpose(1, 2), g[:, k]))
-            grad_dg = grad_blocks[:, :p].view(reps, n, b, d, b)
-            grad_log_diag = grad_dg.diagonal(dim1=2, dim2=4).transpose(1, 2).reshape(reps, d, p)
-            if grad_frob is not None:  # d f / d L = 2 L
-                grad2 = 2.0 * grad_frob
-                grad_log_diag = grad_log_diag + grad2.view(reps, 1, 1) * diag
-                grad_blocks.addcmul_(blocks, grad2.view(reps, 1, 1, 1))
-            grad_log_diag = grad_log_diag * diag
-            grad_dg.mul_(mask)  # unused entries: no gradient
-            if not need_log_diag:
-                grad_log_diag = None
-            if not need_blocks:
-                grad_blocks = None
-        return grad_psi, grad_log_diag, grad_blocks, None, None, None
-
-
-def _stacked_slabs(blocks: torch.Tensor, p: int, block: int) -> tuple[torch.Tensor, ...]:
-    """:func:`gpvae.cholesky._slabs` with a leading replica dimension: (R, p - (K + 1) b, d b)
-    views."""
-    reps, _, d, _ = blocks.shape
-    return blocks[:, p:].reshape(reps, -1, d * block).split(
-        cholesky._slab_rows(p, block), dim=1)
-
-
-def _to_front(t, dim, size: int):
-    """A vmap rule's operand with its replica dimension first (an unbatched one expanded)."""
-    if not isinstance(t, torch.Tensor):
-        return t
-    return t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
-
-
-def _stacked_quadratic_rule(original):
-    def rule(info, in_dims, psi, log_diag, blocks, block, mask, with_frobenius):
-        psi, log_diag, blocks = (_to_front(t, dim, info.batch_size)
-                                 for t, dim in zip((psi, log_diag, blocks), in_dims))
-        mask = cholesky.strict_lower_mask(block, blocks)  # a constant of (block, dtype)
-        out = _StackedBlockedCholeskyQuadratic.apply(psi, log_diag, blocks.contiguous(), block,
-                                                     mask, with_frobenius)
-        return out, (0, 0)
-    return rule
-
-
-def _elementwise_rule(original):
-    """For a Function whose forward is element-wise: run it once on the stacked operands."""
-    def rule(info, in_dims, *args):
-        args = [_to_front(t, dim, info.batch_size) for t, dim in zip(args, in_dims)]
-        return original.apply(*args), 0
-    return rule
-
-
-def _looped_rule(original):
-    """For any Function: run it once per replica and stack (the replica's own arithmetic)."""
-    def rule(info, in_dims, *args):
-        outs = [original.apply(*[a.select(dim, i) if dim is not None else a
-                                 for a, dim in zip(args, in_dims)])
-                for i in range(info.batch_size)]
-        if isinstance(outs[0], tuple):
-            return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
-        return torch.stack(outs), 0
-    return rule
-
-
-def _under_vmap(original, make_rule):
-    """A stand-in for the old-style autograd Function ``original`` that vmap accepts: its
-    ``vmap`` staticmethod (run by functorch with the vmap layer popped, so plain autograd
-    records what it does) is ``make_rule(original)``; outside vmap it is never called."""
-    def forward(*args):
-        raise RuntimeError(f"the packed stand-in for {original.__name__} runs only under vmap")
-
-    def setup_context(ctx, inputs, output):
-        pass
-
-    return type(f"{original.__name__}UnderVmap", (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
-                 "vmap": staticmethod(make_rule(original)), "__doc__": original.__doc__})
-
-
-#: (module, name of an old-style autograd Function in it, how to vmap it)
-_FUNCTORCH_RULES = (
-    (cholesky, "_BlockedCholeskyQuadratic", _stacked_quadratic_rule),
-    (cholesky, "_BlockedFrobenius", _looped_rule),
-    (special, "_ExpectedLogSquare", _elementwise_rule),
-)
-_STAND_INS = {(module.__name__, name): _under_vmap(getattr(module, name), rule)
-              for module, name, rule in _FUNCTORCH_RULES}
-
-
-@contextlib.contextmanager
-def _functorch_rules():
-    """While a packed step runs, the module-level names of the custom autograd Functions in
-    :data:`_FUNCTORCH_RULES` point to stand-ins with vmap rules (their callers -- the
-    GPVAE's quadratic forms and eq. 16's closed form -- are unchanged).  The originals are
-    restored on exit, however it exits."""
-    saved = [(module, name, getattr(module, name)) for module, name, _ in _FUNCTORCH_RULES]
-    try:
-        for module, name, _ in _FUNCTORCH_RULES:
-            setattr(module, name, _STAND_INS[(module.__name__, name)])
-        yield
-    finally:
-        for module, name, original in saved:
-            setattr(module, name, original)
-
-
-# --------------------------------------------------------------------------------------
 # The pack: stacked parameters, one Adam, the vmapped step
 # --------------------------------------------------------------------------------------
 class _TrainingStep(nn.Module):
@@ -475,8 +305,7 @@ class Pack:
                 return functional_call(self.step, (params, buffers), (x,))
 
         try:
-            with _functorch_rules():
-                return vmap(one, randomness="error")(*named, x)
+            return vmap(one, randomness="error")(*named, x)
         except RuntimeError as exc:
             if "randomness" not in str(exc):
                 raise
@@ -519,10 +348,6 @@ class Pack:
         norms = [torch.linalg.vector_norm(p.grad.flatten(1), dim=1)
                  for p in self.params.values() if p.grad is not None]
         return torch.linalg.vector_norm(torch.stack(norms), dim=0)
-
-    def finite_weights(self) -> list[bool]:
-        return torch.stack([torch.isfinite(p.detach()).flatten(1).all(1)
-                            for p in self.params.values()]).all(0).tolist()
 
     def drop(self, positions: list[int]) -> None:
         """Remove the replicas at ``positions`` of the stacked dimension: parameters, their
@@ -651,7 +476,7 @@ def _train_epochs(cfgs, pack: Pack, splits, device, progress: bool, log) -> list
     n_train = len(train_data[0])
     steps = math.ceil(n_train / first.batch_size)
     fields_ = metric_fields(pack.models[0])
-    writers = [_tensorboard(out) for out in outs]
+    writers = [tensorboard_writer(out) for out in outs]
     histories: list[list[dict]] = [[] for _ in cfgs]
     bests = [{"epoch": 0, "valid_elbo": -math.inf} for _ in cfgs]
     errors: list[Exception | None] = [None] * len(cfgs)
@@ -679,14 +504,10 @@ def _train_epochs(cfgs, pack: Pack, splits, device, progress: bool, log) -> list
             checks = pack.backward(x)  # one device-to-host sync for every replica's checks
             rows, failed = list(pack.rows), []
             for i, r in enumerate(rows):
-                value, norm = checks[0][i], checks[1][i]
-                if math.isfinite(value) and math.isfinite(norm):
-                    continue
-                what = (f"the training loss became {value}" if not math.isfinite(value)
-                        else f"a gradient became non-finite (norm {norm})")
-                stop(r, _diverged(what, f"epoch {epoch + 1}, step {step + 1} of {steps}",
-                                  outs[r], epoch))
-                failed.append(i)
+                error = step_error(checks[0][i], checks[1][i], epoch, step, steps, outs[r])
+                if error is not None:
+                    stop(r, error)
+                    failed.append(i)
             if failed:
                 pack.drop(failed)
             if pack.rows:
@@ -701,14 +522,16 @@ def _train_epochs(cfgs, pack: Pack, splits, device, progress: bool, log) -> list
             bar.set_description(f"epoch {epoch + 1}/{first.epochs}")
             if not pack.rows:
                 break
-        finite, dropped = pack.finite_weights(), []
+        dropped = []
         for i, r in enumerate(list(pack.rows)):
+            # each replica's end of epoch is train's: its weights and Adam state in an
+            # ordinary model and optimizer; ``seconds`` is the wall time of the packed epoch
+            # up to this replica's row (all replicas' steps)
+            model = pack.models[r]
+            pack.load_into(i, model)
             try:
-                if not finite[i]:
-                    raise _diverged("the weights became non-finite", f"epoch {epoch + 1}",
-                                    outs[r], epoch)
-                _end_of_epoch(cfgs[r], pack, i, r, splits[r], device, epoch, sums[r], t0,
-                              histories[r], bests[r], fields_, writers[r])
+                finish_epoch(cfgs[r], model, pack.plain_optimizer(i, model), splits[r], device,
+                             epoch, sums[r], t0, histories[r], bests[r], fields_, writers[r])
             except GpvaeError as exc:
                 stop(r, exc)
                 dropped.append(i)
@@ -721,41 +544,6 @@ def _train_epochs(cfgs, pack: Pack, splits, device, progress: bool, log) -> list
     for writer in writers:
         if writer is not None:
             writer.close()
-    return [{**_summary(outs[r], {"history": histories[r], "best": bests[r]}, cfg.epochs),
+    return [{**run_summary(outs[r], {"history": histories[r], "best": bests[r]}, cfg.epochs),
              "error": errors[r]} for r, cfg in enumerate(cfgs)]
 
-
-def _end_of_epoch(cfg, pack: Pack, position: int, replica: int, splits, device, epoch: int,
-                  sums: dict, t0: float, history: list, best: dict, fields_: list,
-                  writer) -> None:
-    """One replica's end of epoch, as :func:`gpvae.training._train_epochs` does it:
-    validation ELBO on its own validation split, the model's epoch summary, best and last
-    checkpoints (with its Adam state), metrics.csv.  ``seconds`` is the wall time of the
-    packed epoch up to this replica's row (all replicas' steps)."""
-    out = Path(cfg.out)
-    model = pack.models[replica]
-    pack.load_into(position, model)
-    valid = estimate(model, splits.valid, samples=cfg.valid_samples, batch_size=500,
-                     device=device, seed=cfg.seed, progress=False).summary()["test_elbo"]
-    if math.isnan(valid):
-        raise _diverged("the validation ELBO became NaN", f"epoch {epoch + 1}", out, epoch)
-    with torch.no_grad():
-        summary = {k: float(v) for k, v in model.epoch_summary().items()}
-    row = {"epoch": epoch + 1, **sums, "valid_elbo": valid, **summary,
-           "seconds": time.perf_counter() - t0}
-    if list(row) != fields_:
-        raise ValueError(f"{type(model).__name__}.epoch_summary() keys changed during "
-                         f"training: {list(summary)}")
-    history.append(row)
-    if writer is not None:
-        for k, v in row.items():
-            if k != "epoch":
-                writer.add_scalar(k, v, epoch + 1)
-    if valid > best["valid_elbo"]:
-        best.update(epoch=epoch + 1, valid_elbo=valid)
-        save_checkpoint(out / BEST, model, {"epoch": epoch + 1, "config": asdict(cfg),
-                                            "best": best})
-    save_checkpoint(out / LAST, model, {"epoch": epoch + 1, "config": asdict(cfg),
-                                        "history": history, "best": best},
-                    pack.plain_optimizer(position, model))
-    atomic_write_text(out / METRICS, _metrics_csv(history, fields_))

@@ -102,7 +102,7 @@ def uncertainty_extremes(model, data, low_idx, high_idx, path, gaps=None) -> Pat
             bands.append((f"{label}: images", x.cpu()))
         else:
             captions = [gap_caption(gaps[int(i)]) for i in idx]
-            bands.append((f"{label}: images, amortization gap (nats) under each", x.cpu(),
+            bands.append((f"{label}; amortization gap (nats)", x.cpu(),
                           captions))
         bands.append((f"{label}: reconstructions", rec))
     return _save_bands(bands, max(len(low_idx), len(high_idx)), path)

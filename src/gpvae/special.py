@@ -177,23 +177,53 @@ def _exact_with_grads(a: torch.Tensor, s2: torch.Tensor, need_grad: bool,
 
 
 class _ExpectedLogSquare(torch.autograd.Function):
-    """Closed-form E[log X^2], X ~ N(a, s2), with analytic first derivatives."""
+    """Closed-form E[log X^2], X ~ N(a, s2), with analytic first derivatives.
+
+    Written for torch.func (forward without ctx, :meth:`setup_context`): the derivatives,
+    computed with the value when ``need_grad`` (the caller's "does any input need a
+    gradient"), are extra, non-differentiable outputs that the caller drops.  Element-wise,
+    so under :func:`torch.func.vmap` it runs once on the stacked operands (:meth:`vmap`)."""
 
     @staticmethod
-    def forward(ctx, a, s2):
+    def forward(a, s2, need_grad):
         work = torch.float32 if a.device.type == "mps" else torch.float64
-        need = any(ctx.needs_input_grad)
-        value, da, ds2 = _exact_with_grads(a.to(work), s2.to(work), need)
-        if need:
-            ctx.save_for_backward(da.to(a.dtype), ds2.to(a.dtype))
-        return value.to(a.dtype)
+        value, da, ds2 = _exact_with_grads(a.to(work), s2.to(work), need_grad)
+        if not need_grad:
+            return value.to(a.dtype), None, None
+        return value.to(a.dtype), da.to(a.dtype), ds2.to(a.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, da, ds2 = output
+        ctx.set_materialize_grads(False)
+        if da is not None:
+            ctx.mark_non_differentiable(da, ds2)
+            ctx.save_for_backward(da, ds2)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx, grad, *_):
+        if grad is None:
+            return None, None, None
         da, ds2 = ctx.saved_tensors
         return (grad * da if ctx.needs_input_grad[0] else None,
-                grad * ds2 if ctx.needs_input_grad[1] else None)
+                grad * ds2 if ctx.needs_input_grad[1] else None, None)
+
+    @staticmethod
+    def vmap(info, in_dims, a, s2, need_grad):
+        """Element-wise: one call on both operands with the vmapped dimension first (one
+        without it expanded).  ``need_grad`` is decided again here: a tensor batched by vmap
+        reports ``requires_grad`` False, the unwrapped one its own."""
+        a, s2 = (t.movedim(dim, 0) if dim is not None else t.expand(info.batch_size, *t.shape)
+                 for t, dim in zip((a, s2), in_dims))
+        out = _ExpectedLogSquare.apply(a, s2, _needs_grad(a, s2))
+        return out, ((0, None, None) if out[1] is None else (0, 0, 0))
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """What autograd's ``needs_input_grad`` says of a Function of ``tensors``: some of them
+    require a gradient and grad mode is on."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def expected_log_square(
@@ -227,7 +257,7 @@ def expected_log_square(
         dtype = torch.get_default_dtype()
     a, s2 = torch.broadcast_tensors(a.to(dtype), s2.to(dtype))
     if method == "exact":
-        return _ExpectedLogSquare.apply(a, s2)
+        return _ExpectedLogSquare.apply(a, s2, _needs_grad(a, s2))[0]
     if method == "mc":
         if not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")

@@ -122,7 +122,9 @@ def _metrics_csv(history: list[dict], fields: list[str]) -> str:
     return buf.getvalue()
 
 
-def _tensorboard(out: Path):
+def tensorboard_writer(out: Path):
+    """A TensorBoard ``SummaryWriter`` for the run directory ``out`` (``out/tensorboard``),
+    or None when tensorboard is not installed (metrics.csv only)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # tensorboard not installed: CSV only
@@ -134,15 +136,26 @@ def _finite_parameters(model) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def _diverged(what: str, where: str, out: Path, epoch: int) -> TrainingDivergedError:
+def diverged_error(what: str, where: str, out: Path, epoch: int) -> TrainingDivergedError:
     """The error for a non-finite loss/gradient/weight, naming the last good checkpoint only
-    if one was written."""
+    if one was written (``epoch``: the epochs finished)."""
     if (out / LAST).is_file():
         kept = f"the last good checkpoint is {out / LAST} (epoch {epoch})"
     else:
         kept = "no checkpoint was written (it happened before the first epoch finished)"
     return TrainingDivergedError(f"{what} at {where}; {kept} (try a smaller --lr or another "
                                  "--seed)")
+
+
+def step_error(loss: float, grad_norm: float, epoch: int, step: int, steps: int,
+               out: Path) -> TrainingDivergedError | None:
+    """None if a training step's loss and gradient norm are finite; otherwise the error that
+    stops the run (``epoch``, ``step``: 0-based, ``steps`` per epoch)."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return None
+    what = (f"the training loss became {loss}" if not math.isfinite(loss)
+            else f"a gradient became non-finite (norm {grad_norm})")
+    return diverged_error(what, f"epoch {epoch + 1}, step {step + 1} of {steps}", out, epoch)
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print) -> dict:
@@ -205,7 +218,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
                                   "was changed)")
             if cfg.epochs == done:
                 log(f"{out} has already trained {done} epochs: nothing to do")
-                return _summary(out, last_meta, cfg.epochs)
+                return run_summary(out, last_meta, cfg.epochs)
         else:
             require_empty(out)
         remove_orphan_temps(out, RUN_FILES)
@@ -221,10 +234,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
         atomic_write_text(out / CONFIG_FILE, json.dumps(asdict(cfg), indent=2) + "\n")
         _train_epochs(cfg, model, optimizer, splits, device, out, done, history, best,
                       progress)
-        return _summary(out, {"history": history, "best": best}, cfg.epochs)
+        return run_summary(out, {"history": history, "best": best}, cfg.epochs)
 
 
-def _summary(out: Path, meta: dict, epochs: int) -> dict:
+def run_summary(out: Path, meta: dict, epochs: int) -> dict:
+    """What :func:`train` returns for the run in ``out``: from its ``history`` and ``best``
+    (``meta``, as the last checkpoint stores them) and the epochs asked for."""
     history, best = meta["history"], meta["best"]
     return {"run_dir": str(out), "epochs": epochs, "best_epoch": best["epoch"],
             "best_valid_elbo": best["valid_elbo"],
@@ -240,7 +255,7 @@ def _train_epochs(cfg, model, optimizer, splits, device, out: Path, start_epoch:
     steps = math.ceil(n_train / cfg.batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     fields = metric_fields(model)
-    writer = _tensorboard(out)
+    writer = tensorboard_writer(out)
     bar = progress_bar((cfg.epochs - start_epoch) * steps, unit="step", enabled=progress)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -259,11 +274,9 @@ def _train_epochs(cfg, model, optimizer, splits, device, out: Path, start_epoch:
             grad_norm = torch.linalg.vector_norm(torch.stack(
                 [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]))
             checks = torch.stack([loss.detach(), grad_norm.to(loss.dtype)]).tolist()
-            if not all(math.isfinite(v) for v in checks):
-                what = (f"the training loss became {checks[0]}" if not math.isfinite(checks[0])
-                        else f"a gradient became non-finite (norm {checks[1]})")
-                raise _diverged(what, f"epoch {epoch + 1}, step {step + 1} of {steps}", out,
-                                epoch)
+            error = step_error(checks[0], checks[1], epoch, step, steps, out)
+            if error is not None:
+                raise error
             optimizer.step()
             w = x.shape[0] / n_train
             sums["train_objective"] += w * -checks[0]
@@ -271,32 +284,54 @@ def _train_epochs(cfg, model, optimizer, splits, device, out: Path, start_epoch:
             sums["train_kl"] += w * float(diag.get("kl", float("nan")))
             bar.update(1)
             bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
-        if not _finite_parameters(model):
-            raise _diverged("the weights became non-finite", f"epoch {epoch + 1}", out, epoch)
-        valid = estimate(model, splits.valid, samples=cfg.valid_samples, batch_size=500,
-                         device=device, seed=cfg.seed, progress=False).summary()["test_elbo"]
-        if math.isnan(valid):
-            raise _diverged("the validation ELBO became NaN", f"epoch {epoch + 1}", out, epoch)
-        with torch.no_grad():
-            summary = {k: float(v) for k, v in model.epoch_summary().items()}
-        row = {"epoch": epoch + 1, **sums, "valid_elbo": valid, **summary,
-               "seconds": time.perf_counter() - t0}
-        if list(row) != fields:
-            raise ValueError(f"{type(model).__name__}.epoch_summary() keys changed during "
-                             f"training: {list(summary)}")
-        history.append(row)
-        bar.set_postfix(valid_elbo=f"{valid:.1f}")
-        if writer is not None:
-            for k, v in row.items():
-                if k != "epoch":
-                    writer.add_scalar(k, v, epoch + 1)
-        if valid > best["valid_elbo"]:
-            best.update(epoch=epoch + 1, valid_elbo=valid)
-            save_checkpoint(out / BEST, model, {"epoch": epoch + 1, "config": asdict(cfg),
-                                                "best": best})
-        save_checkpoint(out / LAST, model, {"epoch": epoch + 1, "config": asdict(cfg),
-                                            "history": history, "best": best}, optimizer)
-        atomic_write_text(out / METRICS, _metrics_csv(history, fields))
+        row = finish_epoch(cfg, model, optimizer, splits, device, epoch, sums, t0, history,
+                           best, fields, writer)
+        bar.set_postfix(valid_elbo=f"{row['valid_elbo']:.1f}")
     bar.close()
     if writer is not None:
         writer.close()
+
+
+def finish_epoch(cfg, model, optimizer, splits, device, epoch: int, sums: dict, t0: float,
+                 history: list, best: dict, fields: list[str], writer) -> dict:
+    """The end of epoch ``epoch`` (0-based) of the run ``cfg``, after its steps; the one
+    code for :func:`train` and packed training (:func:`gpvae.packing.train_packed`, once
+    per replica, its weights loaded into ``model``).
+
+    Checks that the weights are finite, scores the validation split (``splits.valid``,
+    :func:`gpvae.evaluation.estimate` seeded by ``cfg.seed``) and that its ELBO is not NaN
+    -- raising :func:`diverged_error`'s error before anything is written otherwise -- then
+    appends the metrics row (``sums``: the epoch's train_objective, train_rec and train_kl;
+    the model's :meth:`epoch_summary`; ``seconds`` since ``t0``) to ``history``, logs it to
+    TensorBoard (``writer``, or None), checkpoints ``best.safetensors`` when the validation
+    ELBO beats ``best`` (updated in place) and ``last.safetensors`` with ``optimizer``'s
+    state, and rewrites metrics.csv (columns ``fields``, :func:`metric_fields`).  Returns
+    the row.  The checkpoint holds what ``--resume`` restarts from: the run goes on exactly
+    as if never stopped."""
+    out = Path(cfg.out)
+    if not _finite_parameters(model):
+        raise diverged_error("the weights became non-finite", f"epoch {epoch + 1}", out, epoch)
+    valid = estimate(model, splits.valid, samples=cfg.valid_samples, batch_size=500,
+                     device=device, seed=cfg.seed, progress=False).summary()["test_elbo"]
+    if math.isnan(valid):
+        raise diverged_error("the validation ELBO became NaN", f"epoch {epoch + 1}", out, epoch)
+    with torch.no_grad():
+        summary = {k: float(v) for k, v in model.epoch_summary().items()}
+    row = {"epoch": epoch + 1, **sums, "valid_elbo": valid, **summary,
+           "seconds": time.perf_counter() - t0}
+    if list(row) != fields:
+        raise ValueError(f"{type(model).__name__}.epoch_summary() keys changed during "
+                         f"training: {list(summary)}")
+    history.append(row)
+    if writer is not None:
+        for k, v in row.items():
+            if k != "epoch":
+                writer.add_scalar(k, v, epoch + 1)
+    if valid > best["valid_elbo"]:
+        best.update(epoch=epoch + 1, valid_elbo=valid)
+        save_checkpoint(out / BEST, model, {"epoch": epoch + 1, "config": asdict(cfg),
+                                            "best": best})
+    save_checkpoint(out / LAST, model, {"epoch": epoch + 1, "config": asdict(cfg),
+                                        "history": history, "best": best}, optimizer)
+    atomic_write_text(out / METRICS, _metrics_csv(history, fields))
+    return row
