@@ -1,8 +1,11 @@
 """The q(W, U) learning-rate table of docs/results.md (issue 9, item 4): per GPVAE run
 directory ROOT/ARM/seedS, the per-epoch q(W, U) summaries of metrics.csv (the gp_* columns)
 at a few epochs, the best validation ELBO, the test IWAE of ``eval.json`` (written by
-``gpvae evaluate ... --json > RUN/eval.json``) and, when ``gap.json`` is there (``gpvae gap
-... --json > RUN/gap.json``), the mean amortization gap.
+``gpvae evaluate ... --json > RUN/eval.json``) with its paired difference to the first arm
+(over the seeds both have; two-sided paired t-test), and, when there, the mean amortization
+gap (``gpvae gap ... --json > RUN/gap.json``) and the Spearman correlation of the uncertainty
+Tr V(f) + Tr V(h) with it (``gpvae uncertainty ... --gap-csv RUN/gap.csv --json >
+RUN/uncertainty_gap.json``).
 
     python scripts/qwu_table.py ROOT --arms default,lr0.005,lr0.05 --seeds 0,1,2
 """
@@ -24,7 +27,7 @@ def load(run: Path) -> dict | None:
     with open(run / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     out = {"rows": rows, "best": max(float(r["valid_elbo"]) for r in rows)}
-    for name in ("eval", "gap"):
+    for name in ("eval", "gap", "uncertainty_gap"):
         p = run / f"{name}.json"
         if p.is_file():
             out[name] = json.loads(p.read_text())
@@ -53,13 +56,31 @@ def main() -> None:
     runs = {a: {s: load(Path(args.root) / a / f"seed{s}") for s in seeds} for a in arms}
     print("Test IWAE-100 (1000 test images), best validation ELBO, amortization gap (100 "
           "test images): mean ± sd over the seeds present\n")
-    print("| arm | seeds | test IWAE-100 | best valid ELBO | amortization gap |")
-    print("|---|---|---|---|---|")
+    from scipy import stats
+
+    ref = arms[0]
+    print(f"| arm | seeds | test IWAE-100 | Δ IWAE vs {ref} (± se; paired p) | best valid ELBO | "
+          "amortization gap | Spearman(uncertainty, amortization gap) per seed |")
+    print("|---|---|---|---|---|---|---|")
     for a in arms:
         got = [r for r in runs[a].values() if r is not None]
+        both = [s for s in seeds if runs[a][s] and runs[ref][s] and "eval" in runs[a][s]
+                and "eval" in runs[ref][s]]
+        if a == ref or len(both) < 2:
+            delta = "—"
+        else:
+            d = [runs[a][s]["eval"]["test_iwae"] - runs[ref][s]["eval"]["test_iwae"]
+                 for s in both]
+            m = sum(d) / len(d)
+            se = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d))
+            p = stats.ttest_rel([runs[a][s]["eval"]["test_iwae"] for s in both],
+                                [runs[ref][s]["eval"]["test_iwae"] for s in both]).pvalue
+            delta = f"{m:+.2f} ± {se:.2f}; p = {p:.3g}"
+        rho = ", ".join(f"{r['uncertainty_gap']['spearman_vs_amortization_gap']['total']['rho']:+.2f}"
+                        for r in got if "uncertainty_gap" in r) or "—"
         print(f"| {a} | {len(got)} | {ms([r['eval']['test_iwae'] for r in got if 'eval' in r])} | "
-              f"{ms([r['best'] for r in got])} | "
-              f"{ms([r['gap']['amortization_gap']['mean'] for r in got if 'gap' in r])} |")
+              f"{delta} | {ms([r['best'] for r in got])} | "
+              f"{ms([r['gap']['amortization_gap']['mean'] for r in got if 'gap' in r])} | {rho} |")
     print(f"\nq(W, U) over training (seed {seeds[0]}): ||mu||_F, ||eta||_F, mean_j tr Sigma_j, "
           "mean_j tr Gamma_j, mean_j log det Sigma_j, mean_j log det Gamma_j\n")
     print("| arm | epoch | " + " | ".join(GP) + " |")

@@ -364,3 +364,36 @@ def tiny_mnist(tmp_path_factory):
         x = data.images.numpy().reshape(-1, 28, 28).astype(np.uint8)
         (d / name).write_bytes(struct.pack(">IIII", 0x803, len(x), 28, 28) + x.tobytes())
     return d
+
+
+def test_local_pool_workers_spread_over_the_gpus(monkeypatch):
+    """Worker i of the local pool sees only GPU i mod n (CUDA_VISIBLE_DEVICES, set before
+    CUDA starts), so --jobs 4 on a 2-GPU machine puts two workers on each GPU; with one GPU
+    or none nothing is set."""
+    import multiprocessing
+    import os
+
+    import torch
+
+    from gpvae.grid import launchers
+
+    threads = torch.get_num_threads()
+    counter = multiprocessing.get_context("spawn").Value("i", 0)
+    seen = []
+    try:
+        for _ in range(4):
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+            launchers._worker_init(threads, counter, ["3", "5"])
+            seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
+        assert seen == ["3", "5", "3", "5"]
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        launchers._worker_init(threads, counter, ["3"])
+        assert "CUDA_VISIBLE_DEVICES" not in os.environ
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 7")
+    assert launchers.visible_gpus() == ["2", "7"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert launchers.visible_gpus() == ["0", "1", "2"]

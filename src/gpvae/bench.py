@@ -28,9 +28,10 @@ from .training import make_adam
 def reference_per_image_iwae(model, data, samples: int, device) -> torch.Tensor:
     """IWAE_K one image at a time (K copies of the image through encoder and decoder)."""
     out = []
+    device, dtype = model_device_dtype(model, device)
     with torch.no_grad():
         for i in range(len(data)):
-            x = data.batch(slice(i, i + 1), device)
+            x = data.batch(slice(i, i + 1), device).to(dtype)
             xs = x.expand(samples, *x.shape[1:])
             q = posterior_without_grad(model, xs)
             z = q.rsample()
@@ -153,7 +154,10 @@ def _test_batches(dataset: str, data_dir, batch_size: int, limit: int | None, de
 
 def _posterior_pass(model, batches):
     """One pass of ``model.compute_posterior`` (q(z|x) and its parameters) over ``batches``,
-    without gradients (with autograd inside q(z|x) for a method that needs it)."""
+    without gradients (with autograd inside q(z|x) for a method that needs it).  The
+    batches are cast to the model's device and dtype first (untimed; no copy if they match)."""
+    batches = [x.to(*model_device_dtype(model, x.device)) for x in batches]
+
     def one_pass():
         with torch.inference_mode():
             for x in batches:
@@ -242,9 +246,11 @@ def bench_train(args) -> dict:
     x = train_data.batch(slice(0, args.batch_size), device)
 
     def make_steps(model, opt):
+        xm = x.to(*model_device_dtype(model, device))  # the model's device and dtype
+
         def steps():
             for _ in range(args.steps):
-                obj, _ = model.training_objective(x, 50_000)
+                obj, _ = model.training_objective(xm, 50_000)
                 opt.zero_grad(set_to_none=True)
                 (-obj.mean()).backward()
                 opt.step()

@@ -314,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=("local", "slurm"), help="where the runs go "
                    "(default: the spec's [launcher] kind, else local)")
     p.add_argument("--jobs", type=positive_int, help="local: worker processes (default 1: "
-                   "runs in this process)")
+                   "runs in this process); on a machine with several GPUs worker i uses GPU "
+                   "i mod n")
     p.add_argument("--pack", action="store_true", help="local: train the new runs of each "
                    "cell (its splits x inits) packed, as one torch.func.vmap computation "
                    "(gpvae.packing; same results up to float rounding; SA and RME cannot be "

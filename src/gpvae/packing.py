@@ -76,7 +76,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .checkpoint import atomic_write_text, remove_orphan_temps
-from .devices import resolve_device
+from .devices import model_device_dtype, resolve_device
 from .errors import ConfigError, DataError, GpvaeError, UnsupportedError, describe
 from .networks import set_channels_last
 from .progress import progress_bar
@@ -296,6 +296,7 @@ class Pack:
         parameters."""
         params = self.params if params is None else params
         buffers = self.buffers if buffers is None else buffers
+        x = x.to(*model_device_dtype(self.models[0], x.device))  # the models' device, dtype
         mode_args = (streams or self.streams, self.rows)
         named = ({f"model.{k}": v for k, v in params.items()},
                  {f"model.{k}": v for k, v in buffers.items()})

@@ -117,8 +117,10 @@ def _pool(runs, jobs, progress, record) -> None:
     worker_progress = progress and progress_mode() == "lines"
     threads = max(1, torch.get_num_threads() // jobs)  # this process's threads, shared
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch
+    gpus = visible_gpus()
+    counter = ctx.Value("i", 0)  # the workers' start order: worker i gets GPU i mod n
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
-                             initargs=(threads,)) as pool:
+                             initargs=(threads, counter, gpus)) as pool:
         futures = {pool.submit(_worker_run, run, worker_progress): run for run in runs}
         try:
             for future in as_completed(futures):
@@ -128,10 +130,31 @@ def _pool(runs, jobs, progress, record) -> None:
             raise
 
 
-def _worker_init(threads: int) -> None:
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process may use, as ``CUDA_VISIBLE_DEVICES`` entries (that
+    variable's list when set, else 0 .. device_count - 1; empty without CUDA)."""
     import torch
 
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
+        else []
+
+
+def _worker_init(threads: int, counter=None, gpus=()) -> None:
+    """A pool worker: per-epoch log lines, its share of the CPU threads and, on a machine
+    with several GPUs, one of them -- worker i (in start order) sees only GPU i mod n, so
+    ``jobs`` workers spread over the GPUs (``device = "auto"`` / ``"cuda"`` then means that
+    GPU; several workers per GPU when jobs > n)."""
     os.environ.setdefault("GPVAE_PROGRESS", "lines")
+    if counter is not None and len(gpus) > 1:
+        with counter.get_lock():
+            index = counter.value
+            counter.value += 1
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]  # before CUDA starts
+    import torch
+
     torch.set_num_threads(threads)
 
 

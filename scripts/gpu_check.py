@@ -1,0 +1,354 @@
+"""The Python parts of scripts/gpu_check.sh (issue 11, item 4).
+
+``agreement``: CPU-vs-device agreement of every registered method on the same weights and
+the same random numbers -- q(z|x) (mean, standard deviation where closed-form, log q of a
+fixed z), the training objective and its gradient, and IWAE-K / ELBO estimates
+(:func:`gpvae.evaluation.estimate`).  One freshly initialised model per method is copied to
+the device; both copies see the same images, and every random draw either makes (the
+reparameterization noise, SA's noise, mixture components, ...) comes from one CPU generator
+seeded alike on both sides (:class:`SameNoise`), so the numbers differ only by how the
+device rounds.  Each quantity's error is ``max |a - b| / max |a|`` (a: CPU).  Two passes:
+
+* ``default`` -- PyTorch's defaults on CUDA: TF32 for cuDNN convolutions, FP32 matrix
+  products.  Tolerance :data:`TOL_DEFAULT` (TF32 keeps 10 mantissa bits; convolution
+  outputs then agree to about 5e-4 relative);
+* ``fp32`` -- TF32 off for convolutions and matrix products.  Tolerance :data:`TOL_FP32`
+  (only the order of float32 sums differs).
+
+On a CPU "device" (``--device cpu``, how the script is tested) both sides run the same code
+on the same device and every error is exactly 0.
+
+``summary``: reads the steps file and the JSON the steps printed, prints one table and
+writes it (Markdown) next to them.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
+
+#: relative tolerance of the ``default`` pass (TF32 convolutions on CUDA)
+TOL_DEFAULT = 2e-3
+#: relative tolerance of the ``fp32`` pass (TF32 off)
+TOL_FP32 = 1e-4
+#: the methods and sizes checked by default: every registered method, small
+DEFAULT_MODELS = "vae,gpvae,cmvae,sa:2,hf:1,iaf:1,me:2,rme:2,vlae:1"
+QUANTITIES = ("q_mean", "q_std", "q_log_prob", "objective", "gradient", "iwae", "elbo")
+
+
+class SameNoise(TorchFunctionMode):
+    """Every random draw of :data:`gpvae.packing.RANDOM_FUNCTIONS` made on the CPU from one
+    generator seeded with ``seed`` and moved to the device it was asked for, so that a model
+    on the CPU and its copy on a GPU draw the same numbers (draws that pass their own
+    generator, e.g. a binarization's, are left alone)."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        from gpvae.packing import _IN_PLACE, RANDOM_FUNCTIONS
+
+        kwargs = dict(kwargs or {})
+        if func not in RANDOM_FUNCTIONS or kwargs.get("generator") is not None:
+            return func(*args, **kwargs)
+        kwargs["generator"] = self.generator
+        cpu = torch.device("cpu")
+        if func in _IN_PLACE:  # tensor.normal_(...): fill a CPU copy, write it back
+            target = args[0]
+            filled = torch.empty(target.shape, dtype=target.dtype)
+            rest = tree_map(lambda a: a.to(cpu) if isinstance(a, torch.Tensor) else a,
+                            tuple(args[1:]))
+            func(filled, *rest, **kwargs)
+            with torch.no_grad():
+                target.copy_(filled)
+            return target
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        device = kwargs.get("device")
+        device = torch.device(device) if device is not None else (
+            tensors[0].device if tensors else cpu)
+        if "device" in kwargs:
+            kwargs["device"] = cpu
+        args = tree_map(lambda a: a.to(cpu) if isinstance(a, torch.Tensor) else a, tuple(args))
+        out = func(*args, **kwargs)
+        return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, out)
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |a| (0 when both are all zero), in float64 on the CPU."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    scale = float(a.abs().max()) if a.numel() else 0.0
+    diff = float((a - b).abs().max()) if a.numel() else 0.0
+    return diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
+
+
+def quantities(model, x: torch.Tensor, z: torch.Tensor, samples: int, seed: int) -> dict:
+    """Every compared quantity of ``model`` on images x (B, C, H, W) and latents z (B, d),
+    each from its own :class:`SameNoise` stream (``seed``, ``seed + 1``, ...)."""
+    from gpvae.data import ImageData
+    from gpvae.devices import model_device_dtype
+    from gpvae.evaluation import estimate
+    from gpvae.models.base import posterior_without_grad
+
+    device, dtype = model_device_dtype(model)
+    x, z = x.to(device, dtype), z.to(device, dtype)
+    out = {}
+    model.eval()
+    with SameNoise(seed), torch.no_grad():
+        q = posterior_without_grad(model, x)
+        try:
+            out["q_mean"], out["q_std"] = q.mean, q.stddev
+        except NotImplementedError:  # a flow: no closed-form moments
+            pass
+        out["q_log_prob"] = q.log_prob(z)
+    trained = copy.deepcopy(model).train()
+    with SameNoise(seed + 1):
+        objective, _ = trained.training_objective(x, 1000)
+        params = [p for p in trained.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(-objective.mean(), params, allow_unused=True)
+    out["objective"] = objective.detach()
+    out["gradient"] = torch.cat([g.flatten() for g in grads if g is not None])
+    with SameNoise(seed + 2):
+        est = estimate(model, ImageData(x.float().cpu()), samples=samples,
+                       batch_size=x.shape[0], seed=seed, device=device, progress=False)
+    out["iwae"], out["elbo"] = est.iwae, est.elbo
+    return {k: v.detach().cpu() for k, v in out.items()}
+
+
+def compare_model(spec: str, x: torch.Tensor, device, *, latent_dim: int = 10,
+                  samples: int = 10, seed: int = 0) -> dict:
+    """{quantity: relative error} of method ``spec`` (``NAME[:SIZE]``): a CPU model against
+    its copy on ``device``, images x (CPU, float32)."""
+    from gpvae.models import build_model, parse_model_spec
+
+    name, options = parse_model_spec(spec)
+    torch.manual_seed(seed)
+    cpu_model = build_model(name, tuple(x.shape[1:]), latent_dim=latent_dim, **options)
+    cpu_model.complete_schedule()
+    dev_model = copy.deepcopy(cpu_model).to(device)
+    z = torch.randn(x.shape[0], latent_dim, generator=torch.Generator().manual_seed(seed + 7))
+    a = quantities(cpu_model, x, z, samples, seed)
+    b = quantities(dev_model, x, z, samples, seed)
+    return {k: rel_error(a[k], b[k]) for k in QUANTITIES if k in a}
+
+
+def _tf32(enabled: bool) -> None:
+    torch.backends.cudnn.allow_tf32 = enabled
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+
+
+def agreement(models, x: torch.Tensor, device, *, latent_dim: int = 10, samples: int = 10,
+              seed: int = 0, passes=("default", "fp32"), log=print) -> dict:
+    """The agreement table: one row per (pass, method) with each quantity's relative error,
+    the worst, the tolerance and whether it holds."""
+    device = torch.device(device)
+    tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    rows = []
+    try:
+        for mode in passes:
+            if mode == "fp32":
+                _tf32(False)
+            else:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+            tol = TOL_FP32 if mode == "fp32" else TOL_DEFAULT
+            for spec in models:
+                t0 = time.perf_counter()
+                errors = compare_model(spec, x, device, latent_dim=latent_dim,
+                                       samples=samples, seed=seed)
+                worst = max(errors.values())
+                row = {"pass": mode, "model": spec, **errors, "worst": worst, "tol": tol,
+                       "ok": bool(worst <= tol), "seconds": time.perf_counter() - t0}
+                rows.append(row)
+                log(f"{mode:<8} {spec:<8} worst {worst:.1e} (tol {tol:.0e}) "
+                    f"{'ok' if row['ok'] else 'FAIL'}  " + " ".join(
+                        f"{k}={errors[k]:.1e}" for k in QUANTITIES if k in errors))
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    return {"device": str(device), "torch": torch.__version__,
+            "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                            else "cpu"),
+            "default_tf32": {"cudnn": tf32[0], "matmul": tf32[1]},
+            "latent_dim": latent_dim, "images": int(x.shape[0]), "iwae_samples": samples,
+            "seed": seed, "tolerances": {"default": TOL_DEFAULT, "fp32": TOL_FP32},
+            "ok": all(r["ok"] for r in rows), "rows": rows}
+
+
+def _mnist_images(n: int) -> torch.Tensor:
+    from gpvae.data import load_splits
+
+    return load_splits("mnist", limit_train=1, limit_test=n).test.batch(slice(0, n))
+
+
+def cmd_agreement(args) -> int:
+    from gpvae.devices import resolve_device
+    from gpvae.models import parse_model_list
+
+    device = resolve_device(args.device)
+    models = list(parse_model_list(args.models))
+    x = (torch.rand(args.images, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+         if args.synthetic else _mnist_images(args.images))
+    print(f"CPU vs {device}: {len(models)} methods, {x.shape[0]} images, d={args.latent_dim}, "
+          f"IWAE-{args.iwae_samples}; error = max|cpu - device| / max|cpu|")
+    result = agreement(models, x, device, latent_dim=args.latent_dim, samples=args.iwae_samples,
+                       seed=args.seed, passes=args.passes.split(","))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({"ok": result["ok"], "worst_default": max(
+        [r["worst"] for r in result["rows"] if r["pass"] == "default"], default=None),
+        "worst_fp32": max([r["worst"] for r in result["rows"] if r["pass"] == "fp32"],
+                          default=None)}))
+    return 0 if result["ok"] else 1
+
+
+# --------------------------------------------------------------------------------------
+# summary
+# --------------------------------------------------------------------------------------
+def last_json(text: str):
+    """The last line of ``text`` that is a JSON object, or None."""
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    return None
+
+
+def headline(step: str, stdout: str) -> str:
+    """One short line of what a step measured (from the JSON or the lines it printed);
+    ``step`` without its number (``bench-train``)."""
+    data = last_json(stdout)
+    try:
+        if step.startswith(("bench-inference", "bench-train")):
+            m = data["models"]
+            key = "ms_per_batch" if step.startswith("bench-inference") else "ms_per_step"
+            ref = "gpvae" if "gpvae" in m else list(m)[-1]
+            return (f"vae {m['vae'][key]:.3f} ms, {ref} {m[ref][key]:.3f} ms: "
+                    f"{m[ref]['ratio_to_vae']:.2f}x ({key})")
+        if step.startswith("bench-iwae"):
+            return (f"{data['images_per_s']:.0f} images/s, {data['achieved_gflop_per_s']:.1f} "
+                    f"GFLOP/s, {data['speedup_vs_reference']:.1f}x the per-image loop")
+        if step.startswith("agreement"):
+            return (f"worst relative error {data['worst_default']:.1e} (TF32 default, tol "
+                    f"{TOL_DEFAULT:.0e}), {data['worst_fp32']:.1e} (FP32, tol {TOL_FP32:.0e})")
+        if step.startswith("evaluate"):
+            return (f"test IWAE-{data['iwae_samples']} {data['test_iwae']:.2f} nats on "
+                    f"{data['n']} images")
+        if step.startswith("bench-packing"):
+            packed = [ln.split(":", 1)[1].strip() for ln in stdout.splitlines()
+                      if "packed" in ln and "R =" in ln]
+            return packed[-1] if packed else ""
+        if step.startswith("env"):
+            return [ln for ln in stdout.splitlines() if not ln.startswith("$ ")][0]
+    except (TypeError, KeyError, IndexError, ValueError, AttributeError):
+        pass
+    return ""
+
+
+def _bench_tables(outputs: dict) -> list[str]:
+    lines = []
+    for step, stdout in outputs.items():
+        data = last_json(stdout)
+        if isinstance(data, dict) and "models" in data and "bench-" in step:
+            per = "ms_per_batch" if "bench-inference" in step else "ms_per_step"
+            lines += ["", f"{step} ({data.get('device')}, d={data.get('latent_dim')}, "
+                      f"{data.get('decoder', 'conv')} decoder, batch {data.get('batch_size')})",
+                      f"| model | {per} | ratio to VAE | FLOP floor ratio |",
+                      "|---|---:|---:|---:|"]
+            for name, r in data["models"].items():
+                lines.append(f"| {name} | {r[per]:.3f} | {r['ratio_to_vae']:.2f} | "
+                             f"{r['flop_ratio_to_vae']:.2f} |")
+        elif "bench-packing" in step:
+            rows = [ln for ln in stdout.splitlines() if "images/s" in ln or "packed vs" in ln]
+            if rows:
+                lines += ["", step] + [f"    {ln}" for ln in rows]
+    return lines
+
+
+def read_steps(path) -> list[dict]:
+    """The steps file of gpu_check.sh: one tab-separated line per step (name, exit code or
+    -1 for skipped, seconds, time limit, stdout file; stderr next to it as .err)."""
+    steps = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            name, rc, seconds, limit, stdout = line.split("\t")
+            steps.append({"name": name, "rc": int(rc), "seconds": float(seconds),
+                          "limit": limit, "stdout": Path(stdout)})
+    return sorted(steps, key=lambda s: s["name"])
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.is_file() else ""
+
+
+def cmd_summary(args) -> int:
+    """Print the summary (one row per step, the benchmark tables after) and, with
+    ``--out-dir``, write it there as summary.md with gpu_check.log (every step's output and
+    stderr, in order) and bench.jsonl (the JSON each step printed)."""
+    steps = read_steps(args.steps)
+    rows, outputs, log, jsonl = [], {}, [], []
+    for s in steps:
+        text, err = _read(s["stdout"]), _read(s["stdout"].with_suffix(".err"))
+        outputs[s["name"]] = text
+        rc = s["rc"]
+        status = ("ok" if rc == 0 else "SKIPPED (no time left)" if rc == -1 else
+                  f"TIMEOUT ({s['limit']} s)" if rc in (124, 137) else f"FAIL (exit {rc})")
+        rows.append((s["name"], status, s["seconds"],
+                     headline(s["name"].split("-", 1)[-1], text)))
+        log += [f"===== {s['name']}: {status}, {s['seconds']:.1f} s =====", text.rstrip()]
+        if err.strip():
+            log += ["--- stderr ---", err[-20000:].rstrip()]
+        log.append("")
+        data = last_json(text)
+        if data is not None:
+            jsonl.append(json.dumps({"step": s["name"], "result": data}))
+    width = max([len(r[0]) for r in rows] + [4])
+    out = [f"| {'step':<{width}} | status | seconds | result |",
+           f"|{'-' * (width + 2)}|---|---:|---|"]
+    out += [f"| {n:<{width}} | {st} | {t:.1f} | {h} |" for n, st, t, h in rows]
+    failed = [r[0] for r in rows if r[1] != "ok"]
+    out += ["", f"{len(rows) - len(failed)} of {len(rows)} steps ok"
+            + (f"; not ok: {', '.join(failed)} (see gpu_check.log)" if failed else "")]
+    out += _bench_tables(outputs)
+    text = "\n".join(out) + "\n"
+    print(text, end="")
+    if args.out_dir:
+        folder = Path(args.out_dir)
+        (folder / "summary.md").write_text(text)
+        (folder / "gpu_check.log").write_text("\n".join(log) + "\n")
+        (folder / "bench.jsonl").write_text("".join(j + "\n" for j in jsonl))
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("agreement", help="CPU vs device: q(z|x), objective, IWAE")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--models", default=DEFAULT_MODELS)
+    p.add_argument("--latent-dim", type=int, default=10)
+    p.add_argument("--images", type=int, default=32, help="real MNIST test images")
+    p.add_argument("--iwae-samples", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--passes", default="default,fp32", help="default (TF32 convolutions, "
+                   "PyTorch's CUDA default) and/or fp32 (TF32 off)")
+    p.add_argument("--synthetic", action="store_true", help="random images, no MNIST")
+    p.add_argument("--json-out", help="write the full table here")
+    p = sub.add_parser("summary", help="the summary table of a gpu_check.sh run")
+    p.add_argument("steps", help="the steps file (name, rc, seconds, limit, stdout file)")
+    p.add_argument("--out-dir", help="write summary.md, gpu_check.log and bench.jsonl here")
+    args = parser.parse_args(argv)
+    return {"agreement": cmd_agreement, "summary": cmd_summary}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
