@@ -29,9 +29,10 @@
 #      ELBO for every method on the same weights and random numbers (scripts/gpu_check.py
 #      agreement; tolerances: 2e-3 relative with PyTorch's default TF32 convolutions, 1e-4
 #      with TF32 off);
-#   4. the timing benchmarks the docs need, one at a time on an otherwise idle GPU:
-#      bench-inference (d = 50, Tab. 5 methods), bench-inference --decoder fc (VLAE),
-#      bench-train, bench-iwae (VAE and GPVAE), scripts/bench_packing.py (R = 1, 8, 30);
+#   4. the timing benchmarks the docs need, one at a time on an otherwise idle GPU, most
+#      wanted first: bench-inference (d = 50, the Tab. 5 methods), bench-train (d = 50),
+#      bench-iwae (VAE, d = 10, K = 100, 5000 images), bench-inference --decoder fc (VLAE),
+#      bench-iwae (GPVAE), scripts/bench_packing.py --check (R = 1, 8, 30);
 #   5. one summary table.
 #
 # Output, in $OUT (the device tool's folder; ./gpu_check_out when OUT is unset): gpu_check.log
@@ -102,7 +103,7 @@ else
   N_TRAIN=400; N_TEST=100; K=20; SMALL_LIMIT=60; BENCH_LIMIT=60
 fi
 DEADLINE=$(( START + BUDGET ))
-SMOKE_DEADLINE=$(( START + SMOKE_BUDGET ))
+SMOKE_DEADLINE=$(( START + SMOKE_BUDGET < DEADLINE ? START + SMOKE_BUDGET : DEADLINE ))
 
 # --- python path: src/ and the carried wheels ----------------------------------------------
 SITE="$WORK/site"
@@ -148,7 +149,7 @@ step "00-env" 60 "$DEADLINE" "$PY" -c "
 import sys, torch
 dev = torch.device('$DEV')
 name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU, %d threads' % torch.get_num_threads()
-print(f'{name}; torch {torch.__version__}; CUDA {torch.version.cuda}; cuDNN {torch.backends.cudnn.version()}; Python {sys.version.split()[0]}')
+print(f'env: {name}; torch {torch.__version__}; CUDA {torch.version.cuda}; cuDNN {torch.backends.cudnn.version()}; Python {sys.version.split()[0]}')
 print(f'TF32: cudnn {torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32}')
 if dev.type == 'cuda':
     p = torch.cuda.get_device_properties(dev)
@@ -162,9 +163,9 @@ DATA=(--limit-train "$N_TRAIN" --limit-test "$N_TEST")
 TRAIN=(--epochs 1 --latent-dim 5 --device "$DEV" --no-progress "${DATA[@]}")
 lane_runs() {
   step "10-train-vae" 90 "$SMOKE_DEADLINE" "${GPVAE[@]}" train --out "$WORK/vae" --model vae "${TRAIN[@]}"
-  step "11-evaluate-vae" 60 "$SMOKE_DEADLINE" "${GPVAE[@]}" evaluate "$WORK/vae" --iwae-samples "$K" --device "$DEV" --json --no-progress
+  step "11-evaluate-vae" 60 "$SMOKE_DEADLINE" "${GPVAE[@]}" evaluate "$WORK/vae" --iwae-samples "$K" --limit-test "$N_TEST" --device "$DEV" --json --no-progress
   step "12-train-gpvae" 90 "$SMOKE_DEADLINE" "${GPVAE[@]}" train --out "$WORK/gpvae" --model gpvae "${TRAIN[@]}"
-  step "13-evaluate-gpvae" 60 "$SMOKE_DEADLINE" "${GPVAE[@]}" evaluate "$WORK/gpvae" --iwae-samples "$K" --device "$DEV" --json --no-progress
+  step "13-evaluate-gpvae" 60 "$SMOKE_DEADLINE" "${GPVAE[@]}" evaluate "$WORK/gpvae" --iwae-samples "$K" --limit-test "$N_TEST" --device "$DEV" --json --no-progress
   step "14-gap" 60 "$SMOKE_DEADLINE" "${GPVAE[@]}" gap "$WORK/gpvae" --limit 20 --elbo-samples "$K" --iwae-samples "$K" \
     --qstar-steps 20 --qstar-window 10 --csv "$WORK/gap.csv" --device "$DEV" --json --no-progress
   step "15-uncertainty" 60 "$SMOKE_DEADLINE" "${GPVAE[@]}" uncertainty "$WORK/gpvae" --limit-test 20 --gap-samples "$K" \
@@ -214,14 +215,14 @@ if [ "$QUICK" = 1 ]; then
   BI=(--limit-test 128 --repeats 1); BT=(--steps 1 --repeats 1); BW=(--images 20 --iwae-samples 10 --repeats 1)
   BP=(--replicas 1,2 --steps 1 --rounds 1 --warmup 1 --batch-size 16)
 else
-  BI=(); BT=(); BW=(--images 5000); BP=(--replicas 1,8,30 --check)
+  BI=(--repeats 5); BT=(--steps 10 --repeats 5); BW=(--images 5000); BP=(--replicas 1,8,30 --check)
 fi
 step "70-bench-inference" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models "$TAB5" --device "$DEV" "${BI[@]}" --json
 step "71-bench-train" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train --device "$DEV" "${BT[@]}" --json
 step "72-bench-iwae-vae" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-iwae --model vae --device "$DEV" "${BW[@]}" --json
 step "73-bench-inference-fc" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --decoder fc --models "$FC" --device "$DEV" "${BI[@]}" --json
-step "74-bench-packing" "$BENCH_LIMIT" "$DEADLINE" "$PY" scripts/bench_packing.py --device "$DEV" --models vae,gpvae "${BP[@]}"
-step "75-bench-iwae-gpvae" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-iwae --model gpvae --device "$DEV" "${BW[@]}" --json
+step "74-bench-iwae-gpvae" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-iwae --model gpvae --device "$DEV" "${BW[@]}" --json
+step "75-bench-packing" "$BENCH_LIMIT" "$DEADLINE" "$PY" scripts/bench_packing.py --device "$DEV" --models vae,gpvae "${BP[@]}"
 
 # --- 5. collect and summarize --------------------------------------------------------------
 [ -f "$WORK/agreement.json" ] && cp "$WORK/agreement.json" "$OUT_DIR/agreement.json"

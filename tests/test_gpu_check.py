@@ -52,7 +52,7 @@ def test_a_hanging_step_is_stopped_and_the_rest_reported(tmp_path):
                        timeout=120, cwd=tmp_path)
     assert r.returncode == 1, r.stderr
     summary = (out / "summary.md").read_text()
-    rows = [ln for ln in summary.splitlines() if ln.startswith("| ") and "status" not in ln]
+    rows = [ln for ln in summary.splitlines() if ln.startswith("| ")][1:]
     assert len(rows) == 21
     assert rows[0].startswith("| 00-env") and "TIMEOUT" in rows[0]
     assert all("SKIPPED" in row for row in rows[1:])
@@ -87,8 +87,8 @@ def test_summary_reads_each_steps_json(tmp_path):
 
 
 def test_relative_error_by_hand():
-    a, b = torch.tensor([1.0, -4.0]), torch.tensor([1.5, -4.0])
-    assert gpu_check.rel_error(a, b) == pytest.approx(0.5 / 4)
+    a, b = torch.tensor([1.0, -4.0]), torch.tensor([1.5, -5.0])
+    assert gpu_check.rel_error(a, b) == pytest.approx(1.0 / 4)  # max |a - b| / max |a|
     assert gpu_check.rel_error(torch.zeros(2), torch.zeros(2)) == 0.0
 
 
@@ -117,11 +117,15 @@ def test_agreement_on_a_cpu_device_is_exact_and_needs_the_shared_noise(monkeypat
     assert result["ok"] and len(result["rows"]) == len(models)
     for row in result["rows"]:
         assert all(row[q] == 0.0 for q in gpu_check.QUANTITIES if q in row), row
+        assert row["iwae_nats"] == 0.0 and row["worst"] == 0.0
         assert {"q_log_prob", "objective", "gradient", "iwae", "elbo"} <= set(row)
 
     class NoSharing(torch.overrides.TorchFunctionMode):
         def __init__(self, seed):
             super().__init__()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
 
     monkeypatch.setattr(gpu_check, "SameNoise", NoSharing)
     errors = gpu_check.compare_model("vae", x, "cpu", latent_dim=2, samples=3)

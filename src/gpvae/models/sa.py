@@ -131,6 +131,12 @@ class SA(LatentVariableModel):
     config_class = SAConfig
     posterior_needs_grad: ClassVar[bool] = True
 
+    @classmethod
+    def packable(cls) -> bool:
+        """No: the SVI steps switch ``requires_grad`` on fresh leaves inside the training
+        step, which ``torch.func.vmap`` cannot batch (packing's probe refuses it too)."""
+        return False
+
     def __init__(self, config: SAConfig, image_shape):
         check_config_type(config, SAConfig)
         super().__init__(config, image_shape)
