@@ -301,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "  gpvae grid --out runs/example --report\n"
                        "  gpvae grid experiments/mnist_reduced.toml --out runs/mnist "
                        "--launcher slurm --partition gpu --time 4:00:00 --gpus-per-task 1 "
-                       "--runs-per-task 4")
+                       "--runs-per-task 4\n"
+                       "  gpvae grid experiments/mnist_reduced.toml --out runs/mnist "
+                       "--launcher ray --ray-address auto --gpus-per-run 0.25")
     p.add_argument("spec", nargs="?", help="the grid spec (TOML); optional with --status and "
                    "--report, which then read DIR/grid.toml")
     p.add_argument("--out", required=True, help="the grid's directory (runs, grid.toml, "
@@ -311,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "pending per cell (and the failures) and exit")
     what.add_argument("--report", action="store_true", help="(re)write the tables in "
                       "DIR/report/ from the finished runs, print the Markdown and exit")
-    p.add_argument("--launcher", choices=("local", "slurm"), help="where the runs go "
+    p.add_argument("--launcher", choices=("local", "slurm", "ray"), help="where the runs go "
                    "(default: the spec's [launcher] kind, else local)")
     p.add_argument("--jobs", type=positive_int, help="local: worker processes (default 1: "
                    "runs in this process); on a machine with several GPUs worker i uses GPU "
@@ -327,6 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-task", type=positive_int, help="slurm: CPUs per array task")
     p.add_argument("--runs-per-task", type=positive_int, help="slurm: runs each array task "
                    "trains one after the other (default 1)")
+    p.add_argument("--ray-address", help="ray: the cluster to join, auto or "
+                   "ray://HOST:10001 (default: start a Ray instance on this machine); "
+                   "needs pip install 'gpvae[ray]'")
+    p.add_argument("--gpus-per-run", type=float, help="ray: GPUs each run reserves; a "
+                   "fraction below 1 lets runs share a GPU (0.25: four per GPU); default 0: "
+                   "the runs use no GPU")
+    p.add_argument("--cpus-per-run", type=positive_int, help="ray: CPUs each run reserves "
+                   "and uses as torch threads (default 1)")
     p.add_argument("--wait", action="store_true", help="slurm: wait for the job array to "
                    "finish, then write and print the report")
     p.add_argument("--submitit-cluster", choices=("slurm", "local", "debug"), default="slurm",

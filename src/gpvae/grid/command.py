@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..errors import ConfigError
-from .spec import SPEC_COPY, Grid, claim_out_dir, expand, load_spec, parse_time, stored_spec
+from .spec import (SPEC_COPY, Grid, check_gpus_per_run, claim_out_dir, expand, load_spec,
+                   parse_time, stored_spec)
 
 
 def _with_flags(g: Grid, args) -> Grid:
@@ -13,8 +14,13 @@ def _with_flags(g: Grid, args) -> Grid:
     over = {"kind": args.launcher, "jobs": args.jobs, "partition": args.partition,
             "gpus_per_task": args.gpus_per_task, "cpus_per_task": args.cpus_per_task,
             "runs_per_task": args.runs_per_task,
-            "pack": True if getattr(args, "pack", False) else None}
+            "pack": True if getattr(args, "pack", False) else None,
+            "address": getattr(args, "ray_address", None),
+            "gpus_per_run": getattr(args, "gpus_per_run", None),
+            "cpus_per_run": getattr(args, "cpus_per_run", None)}
     over = {k: v for k, v in over.items() if v is not None}
+    if over.get("gpus_per_run") is not None:
+        over["gpus_per_run"] = check_gpus_per_run(over["gpus_per_run"])
     if args.time is not None:
         over["time_min"] = parse_time(args.time, "--time")
     g.launcher = replace(la, **over)
@@ -24,11 +30,18 @@ def _with_flags(g: Grid, args) -> Grid:
 
 
 def _preflight(g: Grid) -> None:
-    """Before any run starts: the device exists and every data set loads."""
+    """Before any run starts: the device exists (for Ray: the runs reserve a GPU when they
+    are to use one; the GPUs are on the cluster's nodes, not necessarily here) and every
+    data set loads."""
     from ..data import load_splits
     from ..devices import resolve_device
 
-    resolve_device(g.device)
+    if g.launcher.kind != "ray":
+        resolve_device(g.device)
+    elif g.device.startswith("cuda") and g.launcher.gpus_per_run == 0:
+        raise ConfigError(f"device {g.device!r} with the ray launcher needs gpus_per_run > 0 "
+                          "([launcher] gpus_per_run or --gpus-per-run): a run that reserves "
+                          "no GPU sees none")
     for dataset in g.datasets:
         load_splits(dataset, g.data_dir, split_seed=g.split_seeds[0], limit_train=1,
                     limit_test=1)
@@ -38,7 +51,7 @@ def grid_command(args) -> int:
     """Run, or report on, a grid; exit status 0, or 1 when some runs failed."""
     from ..progress import echo
     from ..rundir import check_out_path
-    from .launchers import make_executor, run_local, submit_slurm
+    from .launchers import import_ray, make_executor, run_local, run_ray, submit_slurm
     from .report import to_markdown, write_report
     from .status import format_status, grid_status
 
@@ -89,10 +102,17 @@ def grid_command(args) -> int:
             job.results()  # a task's own failure (not a run's) raises here
         r = write_report(g, runs, out)
     else:
+        if g.launcher.kind == "ray":
+            import_ray()  # installed, or a one-line error before any work
         _preflight(g)
         claim_out_dir(g, out)
-        outcomes = run_local(runs, jobs=g.launcher.jobs, progress=progress, log=echo,
-                             pack=g.launcher.pack)
+        la = g.launcher
+        if la.kind == "ray":
+            outcomes = run_ray(runs, address=la.address, gpus_per_run=la.gpus_per_run,
+                               cpus_per_run=la.cpus_per_run, progress=progress, log=echo)
+        else:
+            outcomes = run_local(runs, jobs=la.jobs, progress=progress, log=echo,
+                                 pack=la.pack)
         r = write_report(g, runs, out)
         failed = sum(o["state"] == "failed" for o in outcomes.values())
         if failed:

@@ -1,6 +1,7 @@
-"""Where a grid's runs go: this machine (a pool of processes) or a Slurm cluster (submitit).
+"""Where a grid's runs go: this machine (a pool of processes), a Slurm cluster (submitit)
+or a Ray cluster.
 
-Both launchers call :func:`gpvae.grid.runs.run_one` on every run and nothing else, so a
+The launchers call :func:`gpvae.grid.runs.run_one` on every run and nothing else, so a
 run is trained and scored the same way wherever it goes, finished runs are skipped and
 killed ones resumed wherever the next attempt lands, and a run that another process holds
 is left to it.
@@ -17,6 +18,12 @@ is left to it.
   running.  ``cluster="local"`` (submitit's LocalExecutor: the same submission, run as
   local processes instead of ``sbatch``) or ``"debug"`` (in this process) test it
   without a cluster.
+* :func:`run_ray` (the optional extra ``gpvae[ray]``): one Ray task per unfinished run on
+  a local Ray instance or a cluster (``address``), each reserving ``gpus_per_run`` GPUs
+  (a fraction lets several runs share one) and ``cpus_per_run`` CPUs; a progress bar over
+  the runs, the report at the end as for the local launcher.  As with Slurm, every node
+  needs gpvae installed and the grid's directory (and ``data_dir``) on a shared file
+  system.
 """
 from __future__ import annotations
 
@@ -251,3 +258,92 @@ def submit_slurm(g: Grid, runs: list[RunSpec], out, cluster: str = "slurm",
         executor = make_executor(Path(out) / "slurm" / "%j", g.launcher, cluster)
     task = RunGroup(str(out), progress=progress, threads=g.launcher.cpus_per_task)
     return executor.map_array(task, groups(todo, g.launcher.runs_per_task))
+
+
+# --------------------------------------------------------------------------------------
+# Ray
+# --------------------------------------------------------------------------------------
+def import_ray():
+    """The ``ray`` module, or a one-line :class:`~gpvae.errors.ConfigError`."""
+    from ..errors import ConfigError
+
+    # every run's own lines, not Ray's merging of similar lines across tasks (read when
+    # ray is first imported)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("the ray launcher needs ray: pip install 'gpvae[ray]'") from None
+    return ray
+
+
+def _ray_task(run: RunSpec, progress: bool, threads: int, gpus: float) -> dict:
+    """One run in a Ray worker: ``threads`` torch threads (the CPUs it reserved), per-epoch
+    log lines (Ray forwards them to the driver), and no GPU unless it reserved one (Ray
+    itself hides the GPUs from such a task only in some versions)."""
+    os.environ.setdefault("GPVAE_PROGRESS", "lines")
+    if gpus == 0:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before this worker's CUDA starts
+    import torch
+
+    from ..progress import echo
+
+    torch.set_num_threads(threads)
+    return run_one(run, progress=progress, log=echo)
+
+
+def run_ray(runs: list[RunSpec], address: str | None = None, gpus_per_run: float = 0.0,
+            cpus_per_run: int = 1, progress: bool = True, log=print) -> dict:
+    """Run ``runs`` as Ray tasks; returns {label: outcome} like :func:`run_local`.
+
+    ``address``: None starts a local Ray instance (stopped again at the end), ``"auto"`` or
+    ``"ray://HOST:10001"`` joins a running cluster; when this process has already called
+    ``ray.init`` that instance is used as it is.  Each unfinished run is one task reserving
+    ``gpus_per_run`` GPUs (0.25: four runs share a GPU, whose ``CUDA_VISIBLE_DEVICES`` Ray
+    sets; 0: the run sees no GPU) and ``cpus_per_run`` CPUs, its torch thread count.  A
+    task that Ray loses (its worker or node died) is retried by Ray and resumes from the
+    run's checkpoint; if it still fails the run is reported failed (the rerun resumes it)."""
+    from ..progress import progress_bar, progress_mode
+
+    ray = import_ray()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address)
+    outcomes: dict[str, dict] = {}
+    counts = {"done": 0, "running": 0, "failed": 0}
+    bar = progress_bar(len(runs), desc="grid", unit="run", enabled=progress)
+
+    def record(run, outcome):
+        outcomes[run.label] = outcome
+        counts[outcome["state"]] += 1
+        bar.update(1)
+        bar.set_postfix(runs=_outcome_text(counts))
+
+    task = ray.remote(num_gpus=gpus_per_run, num_cpus=cpus_per_run)(_ray_task)
+    worker_progress = progress and progress_mode() == "lines"
+    pending = {}
+    try:
+        for run in runs:  # finished runs need no task
+            ev = finished_eval(run)
+            if ev is None:
+                ref = task.remote(run, worker_progress, cpus_per_run, gpus_per_run)
+                pending[ref] = run
+            else:
+                record(run, {"state": "done", "eval": ev, "error": None})
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            run = pending.pop(ref)
+            try:
+                outcome = ray.get(ref)
+            except ray.exceptions.RayError as exc:  # the task itself, not the run, failed
+                log(f"[grid] {run.label}: the Ray task failed: {str(exc).splitlines()[0]}")
+                outcome = {"state": "failed", "eval": None,
+                           "error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
+            record(run, outcome)
+    finally:
+        for ref in pending:  # interrupted: the runs not finished stop (and resume later)
+            ray.cancel(ref, force=True)
+        bar.close()
+        if started:
+            ray.shutdown()
+    return outcomes

@@ -49,14 +49,18 @@ Tables:
   [options.METHOD]   further options of one method, e.g. [options.gpvae] gp_lr = 1e-3 or
                      [options."sa:2"] sa_lr = 0.01 (a sized method's name quoted; the names
                      of gpvae train's method-specific flags, with _)
-  [launcher]         kind = "local" (default) or "slurm"; local: jobs (worker processes,
+  [launcher]         kind = "local" (default), "slurm" or "ray"; local: jobs (worker processes,
                      default 1), pack (true: train the new runs of a cell as one vmapped
                      computation, gpvae.packing; default false); slurm: partition, time
                      (minutes or "[D-]HH:MM[:SS]"),
                      gpus_per_task, cpus_per_task, mem_gb, runs_per_task (default 1),
                      array_parallelism, setup (shell lines run before each task, e.g.
                      ["source .venv/bin/activate"]), sbatch (a table of further sbatch
-                     options, e.g. {account = "abc", qos = "high"})
+                     options, e.g. {account = "abc", qos = "high"}); ray (pip install
+                     'gpvae[ray]'): address (default: start Ray here; "auto" or
+                     "ray://HOST:10001" joins a cluster), gpus_per_run (GPUs each run
+                     reserves, may be fractional: 0.25 = four runs share a GPU; default 0:
+                     no GPU), cpus_per_run (CPUs and torch threads per run, default 1)
   [report]           test = "welch" (default) or "paired": the t-test behind the marks;
                      alpha = 0.01 (p > alpha: marked as no evidence of a difference)
 
@@ -72,7 +76,8 @@ _TOP = ("datasets", "latent_dims", "methods", "splits", "split_seeds", "inits", 
         "launcher", "report")
 _LAUNCHER = ("kind", "jobs", "pack", "partition", "time", "gpus_per_task", "cpus_per_task",
              "mem_gb",
-             "runs_per_task", "array_parallelism", "setup", "sbatch")
+             "runs_per_task", "array_parallelism", "setup", "sbatch", "address",
+             "gpus_per_run", "cpus_per_run")
 _REPORT = ("test", "alpha")
 #: what defines a run: a rerun in the same DIR must keep these (sets may only grow)
 RUN_KEYS = ("epochs", "limit_train", "limit_test", "batch_size", "lr", "valid_samples",
@@ -95,6 +100,9 @@ class Launcher:
     array_parallelism: int | None = None
     setup: list = field(default_factory=list)
     sbatch: dict = field(default_factory=dict)
+    address: str | None = None  # ray: None starts a local instance; "auto", "ray://..."
+    gpus_per_run: float = 0.0  # ray: may be fractional (< 1), else a whole number
+    cpus_per_run: int = 1  # ray: CPUs reserved and torch threads per run
 
 
 @dataclass
@@ -389,7 +397,7 @@ class _Checker:
         self.keys(table, _LAUNCHER, "launcher.")
         p = "launcher."
         la = Launcher()
-        la.kind = self.choice(table, "kind", "local", ("local", "slurm"), p)
+        la.kind = self.choice(table, "kind", "local", ("local", "slurm", "ray"), p)
         la.jobs = self.integer(table, "jobs", 1, lo=1, prefix=p)
         pack = table.get("pack", False)
         if not isinstance(pack, bool):
@@ -413,7 +421,20 @@ class _Checker:
             if not isinstance(v, (str, int, bool)) or isinstance(v, float):
                 self.fail(f"{p}sbatch.{k}", f"must be a string, integer or boolean, got {v!r}")
         la.sbatch = dict(sbatch)
+        la.address = self.string(table, "address", None, p)
+        la.gpus_per_run = check_gpus_per_run(
+            self.number(table, "gpus_per_run", 0.0, prefix=p), f"{self.where}: {p}gpus_per_run")
+        la.cpus_per_run = self.integer(table, "cpus_per_run", 1, lo=1, prefix=p)
         return la
+
+
+def check_gpus_per_run(value: float, key: str = "--gpus-per-run") -> float:
+    """Ray's rule for a task's GPUs: a fraction below one (runs share a GPU) or a whole
+    number; never negative."""
+    if not math.isfinite(value) or value < 0 or (value > 1 and value != int(value)):
+        raise ConfigError(f"{key} must be >= 0 and, above 1, a whole number (a fraction "
+                          f"below 1 lets runs share a GPU), got {value!r}")
+    return float(value)
 
 
 def _same_kind(value, default) -> bool:
