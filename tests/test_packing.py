@@ -385,7 +385,8 @@ class _NotPackable(VAE):
     ("dropout", _Dropout, "draws random numbers through an operation packed training does "
                           "not replay per replica"),
     ("branching", _Branching, "vmap fails on its training step"),
-    ("sa", None, "SA runs cannot be trained packed: vmap fails on its training step"),
+    ("sa", None, r"sa runs cannot be trained packed \(vmap cannot batch its training step: "
+                 r"SA.packable\(\) is False\)"),
     ("declared", _NotPackable, r"declared runs cannot be trained packed \(vmap cannot batch "
                                r"its training step: _NotPackable.packable\(\) is False\)"),
 ])
