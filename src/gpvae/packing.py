@@ -82,8 +82,8 @@ from .networks import set_channels_last
 from .progress import progress_bar
 from .rundir import (CONFIG_FILE, RUN_FILES, TrainConfig, build_from_config, check_out_path,
                      locked_run_dir, require_empty)
-from .training import (epoch_seed, finish_epoch, make_adam, metric_fields, model_optimizer,
-                       run_summary, step_error, tensorboard_writer)
+from .training import (epoch_seed, finish_epoch, load_training_splits, make_adam, metric_fields,
+                       model_optimizer, run_summary, step_error, tensorboard_writer)
 
 _functorch = torch._C._functorch
 
@@ -419,7 +419,7 @@ def train_packed(cfgs: list[TrainConfig], progress: bool = True, log=print) -> l
     training step.  Packing only starts runs: a killed pack is resumed run by run with
     ``gpvae train --resume`` (the files are the same as ``train``'s).
     """
-    from .data import IMAGE_SHAPES, load_splits
+    from .data import IMAGE_SHAPES
 
     cfgs = check_packable(cfgs)
     first = cfgs[0]
@@ -438,14 +438,7 @@ def train_packed(cfgs: list[TrainConfig], progress: bool = True, log=print) -> l
     splits = []
     for cfg in cfgs:
         if cfg.split_seed not in loaded:
-            s = load_splits(cfg.dataset, cfg.data_dir, split_seed=cfg.split_seed,
-                            limit_train=cfg.limit_train, limit_test=cfg.limit_test)
-            if len(s.train) < 1 or len(s.valid) < 1:
-                raise DataError(f"{cfg.dataset}: {len(s.train)} training and {len(s.valid)} "
-                                "validation images; training needs at least one of each (a "
-                                "training partition of at least 5 images, of which 10% are "
-                                "held out for validation)")
-            loaded[cfg.split_seed] = s
+            loaded[cfg.split_seed] = load_training_splits(cfg)
         splits.append(loaded[cfg.split_seed])
     sizes = sorted({len(s.train) for s in splits})
     if len(sizes) > 1:  # cannot happen for one data set and limit; the step needs it

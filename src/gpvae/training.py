@@ -158,6 +158,22 @@ def step_error(loss: float, grad_norm: float, epoch: int, step: int, steps: int,
     return diverged_error(what, f"epoch {epoch + 1}, step {step + 1} of {steps}", out, epoch)
 
 
+def load_training_splits(cfg: TrainConfig):
+    """The run's train / validation / test splits, refused with a one-line
+    :class:`~gpvae.errors.DataError` unless there is at least one training and one
+    validation image."""
+    from .data import load_splits
+
+    splits = load_splits(cfg.dataset, cfg.data_dir, split_seed=cfg.split_seed,
+                         limit_train=cfg.limit_train, limit_test=cfg.limit_test)
+    if len(splits.train) < 1 or len(splits.valid) < 1:
+        raise DataError(f"{cfg.dataset}: {len(splits.train)} training and {len(splits.valid)} "
+                        "validation images; training needs at least one of each (a training "
+                        "partition of at least 5 images, of which 10% are held out for "
+                        "validation)")
+    return splits
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print) -> dict:
     """Train (or resume) a run; return the final summary (best epoch and its valid ELBO).
 
@@ -170,7 +186,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     non-finite is saved.  ``resume`` on a run killed before its first epoch finished
     starts it from the beginning.
     """
-    from .data import IMAGE_SHAPES, load_splits
+    from .data import IMAGE_SHAPES
 
     cfg.validate()
     out = Path(cfg.out)
@@ -184,13 +200,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     warning = model.training_plan_warning(cfg.epochs)
     if warning:
         log(f"warning: {warning}")
-    splits = load_splits(cfg.dataset, cfg.data_dir, split_seed=cfg.split_seed,
-                         limit_train=cfg.limit_train, limit_test=cfg.limit_test)
-    if len(splits.train) < 1 or len(splits.valid) < 1:
-        raise DataError(f"{cfg.dataset}: {len(splits.train)} training and {len(splits.valid)} "
-                        "validation images; training needs at least one of each (a training "
-                        "partition of at least 5 images, of which 10% are held out for "
-                        "validation)")
+    splits = load_training_splits(cfg)
 
     # refuse a directory that is not ours before creating even the lock file in it
     # (and check again under the lock)

@@ -38,6 +38,25 @@ def _outcome_text(counts: dict) -> str:
     return ", ".join(f"{counts[k]} {k}" for k in ("done", "running", "failed") if counts[k])
 
 
+def _recorder(total: int, progress: bool):
+    """(outcomes, counts, bar, record): ``record(run, outcome)`` stores a run's outcome
+    under its label, counts its state and moves the grid's progress bar over ``total``
+    runs."""
+    from ..progress import progress_bar
+
+    outcomes: dict[str, dict] = {}
+    counts = {"done": 0, "running": 0, "failed": 0}
+    bar = progress_bar(total, desc="grid", unit="run", enabled=progress)
+
+    def record(run, outcome):
+        outcomes[run.label] = outcome
+        counts[outcome["state"]] += 1
+        bar.update(1)
+        bar.set_postfix(runs=_outcome_text(counts))
+
+    return outcomes, counts, bar, record
+
+
 def train_packs(runs: list[RunSpec], progress: bool = True, log=print) -> dict:
     """Train the runs that have not started yet, grouped by cell (everything but the seeds
     equal: :func:`gpvae.packing.pack_key`), each group of two or more of a packable method
@@ -76,19 +95,9 @@ def run_local(runs: list[RunSpec], jobs: int = 1, progress: bool = True, log=pri
               pack: bool = False) -> dict:
     """Run ``runs`` here with ``jobs`` processes (``pack``: new runs trained packed first,
     :func:`train_packs`); returns {label: outcome}."""
-    from ..progress import progress_bar
-
     failed = train_packs(runs, progress=progress, log=log) if pack else {}
     runs = [run for run in runs if run.label not in failed]
-    outcomes: dict[str, dict] = {}
-    counts = {"done": 0, "running": 0, "failed": 0}
-    bar = progress_bar(len(runs), desc="grid", unit="run", enabled=progress)
-
-    def record(run, outcome):
-        outcomes[run.label] = outcome
-        counts[outcome["state"]] += 1
-        bar.update(1)
-        bar.set_postfix(runs=_outcome_text(counts))
+    outcomes, counts, bar, record = _recorder(len(runs), progress)
 
     for label, outcome in failed.items():
         outcomes[label] = outcome
@@ -303,21 +312,13 @@ def run_ray(runs: list[RunSpec], address: str | None = None, gpus_per_run: float
     sets; 0: the run sees no GPU) and ``cpus_per_run`` CPUs, its torch thread count.  A
     task that Ray loses (its worker or node died) is retried by Ray and resumes from the
     run's checkpoint; if it still fails the run is reported failed (the rerun resumes it)."""
-    from ..progress import progress_bar, progress_mode
+    from ..progress import progress_mode
 
     ray = import_ray()
     started = not ray.is_initialized()
     if started:
         ray.init(address=address)
-    outcomes: dict[str, dict] = {}
-    counts = {"done": 0, "running": 0, "failed": 0}
-    bar = progress_bar(len(runs), desc="grid", unit="run", enabled=progress)
-
-    def record(run, outcome):
-        outcomes[run.label] = outcome
-        counts[outcome["state"]] += 1
-        bar.update(1)
-        bar.set_postfix(runs=_outcome_text(counts))
+    outcomes, counts, bar, record = _recorder(len(runs), progress)
 
     task = ray.remote(num_gpus=gpus_per_run, num_cpus=cpus_per_run)(_ray_task)
     worker_progress = progress and progress_mode() == "lines"
