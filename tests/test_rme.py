@@ -1,7 +1,7 @@
 """RME(M), the recursive mixture encoder, against the VAE, by-hand references and the trainer.
 
 Q_1 = q_1, Q_m = (1 - eps_m) Q_{m-1} + eps_m q_m; stage s >= 2 trains q_s on
-ELBO(q_s) + lambda KL(q_s || stopgrad Q_{s-1}) and eps_s and the decoder on ELBO(Q_s)
+ELBO(q_s) + lambda KL(q_s || stopgrad Q_s) and eps_s and the decoder on ELBO(Q_s)
 (src/gpvae/models/rme.py).  Deterministic identities in float64.
 """
 from __future__ import annotations
@@ -73,12 +73,12 @@ def recursive_log_q(eps, mu, sigma, z, k):
 # --------------------------------------------------------------------------------------
 def test_config_options_and_validation():
     cfg = RMEConfig()
-    assert cfg.rme_components == 2 and 0 <= cfg.rme_lambda < 1 and cfg.rme_earlier == "frozen"
+    assert cfg.rme_components == 2 and cfg.rme_lambda == 1.0 and cfg.rme_earlier == "frozen"
     assert RMEConfig.size_option == "rme_components"
     assert RMEConfig.__dataclass_fields__["rme_earlier"].metadata["choices"] == ("frozen",
                                                                                "trained")
     bad = [("rme_components", 0), ("rme_components", True), ("rme_components", 2.0),
-           ("rme_lambda", 1.0), ("rme_lambda", -0.1), ("rme_lambda", "0.5"),
+           ("rme_lambda", 1.01), ("rme_lambda", -0.1), ("rme_lambda", "0.5"),
            ("rme_epochs_per_stage", 0), ("rme_epochs_per_stage", math.inf),
            ("rme_earlier", "yes")]
     for name, value in bad:
@@ -160,7 +160,7 @@ def test_mixture_density_integrates_to_one():
 @pytest.mark.parametrize("stage", [2, 3])
 def test_stage_objectives_equal_by_hand(stage):
     """J_Q = sum_m alpha_m (log p(x|z_m) + log p(z_m) - log Q_s(z_m)), z_m ~ q_m, and
-    J_q = log p(x|z) - KL(q_s || p) + lambda (log q_s(z) - log Q_{s-1}(z)), z ~ q_s."""
+    J_q = log p(x|z) - KL(q_s || p) + lambda (log q_s(z) - log Q_s(z)), z ~ q_s."""
     lam = 0.3
     model = make_model(d=2, m=3, stage=stage, rme_lambda=lam)
     x = images(3)
@@ -182,7 +182,7 @@ def test_stage_objectives_equal_by_hand(stage):
     z = m + s * noise_new
     kl_prior = 0.5 * (s.square() + m.square() - 1 - 2 * s.log()).sum(-1)
     elbo_new = model.log_likelihood(x, z) - kl_prior
-    kl_new = log_normal(z, m, s) - recursive_log_q(eps, mu, sigma, z, stage - 1)
+    kl_new = log_normal(z, m, s) - recursive_log_q(eps, mu, sigma, z, stage)
     j_new = elbo_new + lam * kl_new
     torch.testing.assert_close(obj, j_mix + j_new, rtol=1e-10, atol=1e-8)
     torch.testing.assert_close(diag["rec"], rec.mean().detach(), rtol=1e-10, atol=1e-8)
@@ -207,6 +207,75 @@ def test_the_kl_to_the_current_mixture_is_rewarded():
     assert kl_new > 0.5
     torch.testing.assert_close(diff.mean(), torch.tensor(0.5 * kl_new, dtype=torch.float64),
                                rtol=1e-9, atol=1e-9)
+
+
+def test_the_kl_to_the_mixture_is_bounded_by_the_new_weight():
+    """Q_s contains q_s with weight eps_s, so the per-sample log q_s(z) - log Q_s(z) <=
+    -log eps_s for every z: the repulsion cannot grow without bound (with Q_{s-1} in its
+    place it can: the samples below include points where it exceeds the bound)."""
+    model = make_model(d=2, m=3, stage=3, spread=4.0)
+    x = images(8)
+    eps, mu, sigma = reference(model, x, 3)
+    z = mu[:, 2] + sigma[:, 2] * 3 * torch.randn(64, 8, 2, dtype=torch.float64)
+    with torch.no_grad():
+        kl_pointwise = log_normal(z, mu[:, 2], sigma[:, 2]) - model.posterior(x).log_prob(z)
+    assert (kl_pointwise <= -eps[:, 2].log() + 1e-12).all()
+    previous = log_normal(z, mu[:, 2], sigma[:, 2]) - recursive_log_q(eps, mu, sigma, z, 2)
+    assert (previous > -eps[:, 2].log()).any()  # the bound is not vacuous here
+
+
+class _ConstantDecoder(torch.nn.Module):
+    """A decoder that ignores z (saturated): log p(x|z) is a constant c, so log p(x) = c."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.out = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float64))
+
+    def forward(self, z):
+        return self.out.expand(*z.shape[:-1], *self.out.shape)
+
+
+def test_the_new_component_criterion_is_bounded_with_a_saturated_decoder():
+    """The RME(2) stage-2 defect that diverged on real MNIST: Q_1 narrow (std 0.05) and a
+    decoder that ignores z.  Then J_q = c - KL(q_2 || p) + lambda KL(q_2 || Q) and, with
+    Q = Q_1, the KL to Q_1 grows like |m|^2 / (2 * 0.05^2), faster than the KL to the prior
+    falls, so ascent on J_q runs away.  With Q = Q_2 (which contains q_2) J_q <= c - lambda
+    log eps_2: 200 Adam steps on q_2's mean and std stay below that bound."""
+    lam = 1.0
+    model = make_model(d=2, m=2, stage=2, rme_lambda=lam)
+    model.decoder = _ConstantDecoder(SHAPE)
+    x = images(4)
+    d = 2
+    with torch.no_grad():
+        first = model.encoder.head
+        first.weight.zero_()
+        first.bias[:d] = 0.0
+        first.bias[d:] = math.log(math.expm1(0.05 - first_min_std(model)))  # std 0.05
+        new = model.extra_encoders[0].head
+        new.weight.zero_()
+        new.bias[:d] = torch.tensor([0.3, -0.2], dtype=torch.float64)
+        new.bias[d:] = 0.0
+    eps_2 = torch.sigmoid(model.eps_heads[0](model.extra_encoders[0].trunk(x))).squeeze(-1)
+    constant = model.log_likelihood(x, torch.zeros(4, d, dtype=torch.float64))
+    bound = constant - lam * eps_2.detach().log()
+    opt = torch.optim.Adam([new.bias], lr=0.05)
+    torch.manual_seed(0)
+    model.eval()
+    for _ in range(200):
+        _, j_new, _ = model.stage_objectives(x)
+        opt.zero_grad()
+        (-j_new.mean()).backward()
+        opt.step()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        values = torch.stack([model.stage_objectives(x)[1] for _ in range(200)]).mean(0)
+    assert torch.isfinite(values).all()
+    assert (values <= bound + 0.1).all(), (values, bound)
+    assert new.bias[:d].abs().max() < 5  # the mean did not run away
+
+
+def first_min_std(model):
+    return model.encoder.min_std
 
 
 def _grads(model, objective):
