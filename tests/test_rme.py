@@ -80,7 +80,7 @@ def test_config_options_and_validation():
     bad = [("rme_components", 0), ("rme_components", True), ("rme_components", 2.0),
            ("rme_lambda", 1.01), ("rme_lambda", -0.1), ("rme_lambda", "0.5"),
            ("rme_epochs_per_stage", 0), ("rme_epochs_per_stage", math.inf),
-           ("rme_earlier", "yes")]
+           ("rme_earlier", "yes"), ("rme_init", "zero")]
     for name, value in bad:
         with pytest.raises(ConfigError, match="--" + name.replace("_", "-")):
             RME(RMEConfig(latent_dim=2, **{name: value}), SHAPE)
@@ -340,6 +340,38 @@ def test_stage_advances_with_training_images_and_survives_a_checkpoint(tmp_path)
     fresh = RME(RMEConfig(latent_dim=2, rme_components=3, rme_epochs_per_stage=0.5), SHAPE)
     fresh.train().training_objective(x, n_train=8)
     assert fresh.stage == 1 and int(fresh.rme_seen) == 4
+
+
+@pytest.mark.parametrize("init", ["copy", "fresh"])
+def test_a_new_stage_starts_from_a_copy_of_the_previous_component(init):
+    """rme_init=copy: when stage s begins (in the training step that crosses the boundary)
+    component s's encoder is set to component s - 1's, so Q_s = Q_{s-1} at the start; later
+    steps of the stage do not copy again.  fresh: its own initialization is kept."""
+    torch.manual_seed(0)
+    model = RME(RMEConfig(latent_dim=2, rme_components=3, rme_epochs_per_stage=1.0,
+                          rme_init=init), SHAPE).double().train()
+    encs = model._encoders()
+    before = [{k: v.clone() for k, v in e.state_dict().items()} for e in encs]
+    x = images(4)
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    model.training_objective(x, n_train=8)  # seen 0 -> stage 1
+    model.training_objective(x, n_train=8)  # seen 4 -> stage 1
+    assert model.stage == 1 and same(encs[1].state_dict(), before[1])
+    model.training_objective(x, n_train=8)  # seen 8 -> stage 2 begins
+    assert model.stage == 2
+    assert same(encs[1].state_dict(), before[0 if init == "copy" else 1])
+    with torch.no_grad():
+        encs[1].head.bias.add_(1.0)  # stage 2 trains component 2
+    changed = {k: v.clone() for k, v in encs[1].state_dict().items()}
+    model.training_objective(x, n_train=8)  # seen 12: still stage 2, no second copy
+    assert same(encs[1].state_dict(), changed)
+    model.training_objective(x, n_train=8)  # seen 16 -> stage 3 begins
+    assert model.stage == 3
+    assert same(encs[2].state_dict(), changed if init == "copy" else before[2])
+    assert same(encs[0].state_dict(), before[0])
 
 
 def test_tiny_training_run_reaches_stage_two_and_evaluates(tmp_path):

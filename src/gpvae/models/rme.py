@@ -66,6 +66,13 @@ as q_s narrows, -log Q_s(z) at its samples falls to -log eps_s q_s(z).  So 0 <= 
 criterion.  The mixing weight eps_s (the step size) is fitted on the mixture's own ELBO, as a
 line search would.
 
+Warm start.  With ``rme_init = "copy"`` (default) component s starts its stage as a copy of
+component s - 1 (its encoder's parameters; eps_s keeps its head at logit(1/s)), so
+Q_s = Q_{s-1} when the stage begins and the mixture does not first get worse, as it does
+when a randomly initialized component takes weight 1/s (the common warm start of boosting
+VI: the new component is initialized near the current fit).  ``fresh`` keeps the
+component's own random initialization.
+
 The schedule inside the plain training loop.  Two persistent buffers (saved in every
 checkpoint, so ``--resume`` is exact): ``rme_seen``, the training images seen, advanced only
 by :meth:`RME.training_objective` in training mode (validation, ``estimate`` and
@@ -96,10 +103,12 @@ from torch.nn import functional as F
 
 from ..errors import ConfigError
 from ..networks import GaussianEncoder
+from ..precision import upcast
 from .base import LatentVariableModel, ModelConfig, check_config_type, kl_to_prior
 from .me import GaussianMixture
 
 EARLIER_CHOICES = ("frozen", "trained")
+INIT_CHOICES = ("copy", "fresh")
 
 
 @dataclass
@@ -116,6 +125,10 @@ class RMEConfig(ModelConfig):
     rme_epochs_per_stage: float = field(default=5.0, metadata={
         "help": "training epochs per stage (stage m trains component m); may be fractional; "
                 "a run needs more than (M - 1) x this many epochs to reach all M stages"})
+    rme_init: str = field(default="copy", metadata={
+        "help": "how a new component's encoder starts its stage: copy (of the previous "
+                "component's, so the mixture is unchanged at the stage's start) or fresh (its "
+                "own random initialization)", "choices": INIT_CHOICES})
     rme_earlier: str = field(default="frozen", metadata={
         "help": "the components of earlier stages while a new one trains: frozen, or trained "
                 "on the mixture's ELBO", "choices": EARLIER_CHOICES})
@@ -136,6 +149,9 @@ class RMEConfig(ModelConfig):
         if (isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e)
                 or e <= 0):
             raise ConfigError(f"--rme-epochs-per-stage must be a positive number, got {e!r}")
+        if self.rme_init not in INIT_CHOICES:
+            raise ConfigError(f"--rme-init must be one of {', '.join(INIT_CHOICES)}, "
+                              f"got {self.rme_init!r}")
         if self.rme_earlier not in EARLIER_CHOICES:
             raise ConfigError(f"--rme-earlier must be one of {', '.join(EARLIER_CHOICES)}, "
                               f"got {self.rme_earlier!r}")
@@ -202,8 +218,17 @@ class RME(LatentVariableModel):
         with torch.no_grad():
             per_stage = self.config.rme_epochs_per_stage * n_train
             stage = min(self.components, 1 + int(int(self.rme_seen) // per_stage))
+            for new in range(int(self.rme_stage) + 1, stage + 1):
+                self._start_component(new)
             self.rme_stage.fill_(max(stage, int(self.rme_stage)))
             self.rme_seen.add_(batch)
+
+    def _start_component(self, s: int) -> None:
+        """Stage s begins: with ``rme_init == "copy"`` component s's encoder starts as a copy
+        of component s - 1's (so Q_s = Q_{s-1} at the start of the stage)."""
+        if self.config.rme_init == "copy":
+            encoders = self._encoders()
+            encoders[s - 1].load_state_dict(encoders[s - 2].state_dict())
 
     def _encoders(self) -> list[GaussianEncoder]:
         return [self.encoder, *(self.extra_encoders if self.components > 1 else [])]
@@ -242,7 +267,7 @@ class RME(LatentVariableModel):
             stds.append(std)
             if j >= 1:
                 logits.append(self.eps_heads[j - 1](features.detach()).squeeze(-1))
-        eps = torch.stack(logits, -1) if logits else means[0].new_zeros(x.shape[0], 0)
+        eps = upcast(torch.stack(logits, -1)) if logits else means[0].new_zeros(x.shape[0], 0)
         return torch.stack(means, -2), torch.stack(stds, -2), eps
 
     def variational_family(self) -> str:
