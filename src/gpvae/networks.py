@@ -28,6 +28,9 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .precision import upcast
+from .subpixel import (SubpixelConvTranspose2d, kernels_built_once,
+                       set_deconv_impl)  # noqa: F401 (set_deconv_impl: re-export)
 
 
 @dataclass(frozen=True)
@@ -131,9 +134,20 @@ class GaussianEncoder(nn.Module):
 
     def split_head(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) from raw head outputs (..., 2d): this encoder's parametrisation, for
-        methods that put more heads on the trunk's features (HF, ME)."""
-        mean, pre_std = out.chunk(2, dim=-1)
+        methods that put more heads on the trunk's features (HF, ME).  In float32 under
+        bfloat16 autocast (:func:`gpvae.precision.upcast`: the softplus too)."""
+        mean, pre_std = upcast(out).chunk(2, dim=-1)
         return mean, nn.functional.softplus(pre_std) + self.min_std
+
+
+class DecoderReLU(nn.ReLU):
+    """``nn.ReLU`` that, when ``inplace``, runs in place only outside ``torch.func``
+    transforms: under ``vmap`` / ``jacfwd`` (VLAE's decoder Jacobian, packed training) an
+    in-place update of a batched or dual tensor costs more than the buffer it saves."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        inplace = self.inplace and torch._C._functorch.maybe_current_level() is None
+        return nn.functional.relu(input, inplace=inplace)
 
 
 class ConvDecoder(_ChannelsLast, nn.Module):
@@ -141,7 +155,29 @@ class ConvDecoder(_ChannelsLast, nn.Module):
 
     Any number of leading batch dimensions is accepted (they are flattened for the
     convolutions), so K importance samples x B images decode in one call.
+
+    The transposed convolutions are :class:`~gpvae.subpixel.SubpixelConvTranspose2d`
+    (``nn.ConvTranspose2d``: the same parameters and state-dict keys); how they are
+    computed -- natively or as ordinary convolutions plus a pixel shuffle, the same values
+    -- is :func:`set_deconv_impl` (default ``"auto"``: in evaluation on a CPU the fastest
+    form of each layer, :func:`gpvae.subpixel.fastest_form`; native when training and on
+    CUDA).
+
+    The ReLUs run in place (:class:`DecoderReLU`: no second buffer per activation; none of
+    the layers before them needs its output for its backward pass, and autograd checks
+    that), except under ``torch.func`` transforms; :func:`set_inplace_relu` switches that
+    off, e.g. to time the code as it was.
+
+    Cache blocking: on a CPU, a pass that records no gradient (evaluation) and decodes many
+    z's goes through the convolutions in equal blocks of z's whose largest activation takes
+    at most ``eval_block_bytes`` (default :data:`EVAL_BLOCK_BYTES`) per thread, so each
+    block's activations stay in the processor's caches between layers instead of going out
+    to memory; the outputs are concatenated.  Each z is decoded by the same operations
+    either way.  :func:`set_eval_block_bytes` changes it (None: one pass).
     """
+
+    #: default largest activation of one evaluation block on a CPU, per thread (bytes)
+    EVAL_BLOCK_BYTES = 1 << 22
 
     def __init__(self, arch: Architecture, latent_dim: int):
         super().__init__()
@@ -149,32 +185,106 @@ class ConvDecoder(_ChannelsLast, nn.Module):
         self.seed_shape = seed
         self.fc = nn.Sequential(
             nn.Linear(latent_dim, arch.hidden),
-            nn.ReLU(),
+            DecoderReLU(inplace=True),
             nn.Linear(arch.hidden, seed[0] * seed[1] * seed[2]),
-            nn.ReLU(),
+            DecoderReLU(inplace=True),
         )
         layers: list[nn.Module] = []
         c_in = seed[0]
         n = len(arch.dec_channels)
         for i, (c_out, op) in enumerate(zip(arch.dec_channels, arch.dec_output_padding)):
-            layers.append(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, output_padding=op))
+            layers.append(SubpixelConvTranspose2d(c_in, c_out, 4, stride=2, padding=1,
+                                                  output_padding=op))
             if i < n - 1:
-                layers.append(nn.ReLU())
+                layers.append(DecoderReLU(inplace=True))
             c_in = c_out
         self.deconv = nn.Sequential(*layers)
         self.image_shape = arch.image_shape
+        # elements of the largest activation of one z (a transposed convolution's output)
+        size, largest = seed[1], 0
+        for c_out, op in zip(arch.dec_channels, arch.dec_output_padding):
+            size = 2 * size + op
+            largest = max(largest, c_out * size * size)
+        self.largest_activation = largest
+        self.eval_block_bytes: int | None = self.EVAL_BLOCK_BYTES
         self.use_channels_last(True)
+
+    def use_channels_last(self, enabled: bool = True):
+        super().use_channels_last(enabled)
+        for m in self.deconv:  # the layout the sub-pixel shuffle writes
+            if isinstance(m, SubpixelConvTranspose2d):
+                m.channels_last = enabled
+        return self
+
+    def eval_block(self, z: torch.Tensor) -> int | None:
+        """The largest number of z's per pass for decoding ``z`` (..., d) now: None (one
+        pass) unless on a CPU with no gradient recorded (cache blocking, class docstring),
+        and not inside ``torch.compile`` (which plans the memory of its graph itself)."""
+        if (not self.eval_block_bytes or torch.is_grad_enabled() or z.device.type != "cpu"
+                or z.dim() < 2 or torch.compiler.is_compiling()):
+            return None
+        budget = self.eval_block_bytes * torch.get_num_threads()
+        return max(1, budget // (self.largest_activation * z.element_size()))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         lead = z.shape[:-1]
-        h = self.fc(z.reshape(-1, z.shape[-1])).view(-1, *self.seed_shape)
+        z = z.reshape(-1, z.shape[-1])
+        block = self.eval_block(z)
+        if block is not None and z.shape[0] > block:
+            blocks = -(-z.shape[0] // block)  # equal blocks of at most `block` z's
+            with kernels_built_once(self.deconv):  # once per call, not once per block
+                out = torch.cat([self._decode(part) for part in z.tensor_split(blocks)])
+        else:
+            out = self._decode(z)
+        return out.reshape(*lead, *self.image_shape)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.fc(z).view(-1, *self.seed_shape)
         # channels-last (NHWC) is the layout oneDNN's (and cuDNN's) fast kernels want: the
         # decoder's throughput in each layout is in docs/benchmarks.md
         # (scripts/bench_layout.py).
         if self.channels_last:
             h = h.contiguous(memory_format=torch.channels_last)
-        out = self.deconv(h)
-        return out.reshape(*lead, *self.image_shape)
+        return self.deconv(h)
+
+
+def set_plain_decoding(module: nn.Module, plain: bool = True) -> nn.Module:
+    """Every :class:`ConvDecoder` inside ``module`` decoding as it did before its speed-ups
+    (``plain``: native transposed convolutions, out-of-place ReLUs, one pass per call -- the
+    baseline ``gpvae bench-iwae`` times) or with them (the defaults: :func:`set_deconv_impl`
+    ``"auto"``, :func:`set_inplace_relu`, :func:`set_eval_block_bytes` of
+    :attr:`ConvDecoder.EVAL_BLOCK_BYTES`); returns ``module``.  The values are the same to
+    float rounding."""
+    for dec in module.modules():
+        if isinstance(dec, ConvDecoder):
+            set_deconv_impl(dec, "native" if plain else "auto")
+            set_inplace_relu(dec, not plain)
+            set_eval_block_bytes(dec, None if plain else ConvDecoder.EVAL_BLOCK_BYTES)
+    return module
+
+
+def set_eval_block_bytes(module: nn.Module, block_bytes: int | None) -> nn.Module:
+    """Set the cache blocking of every :class:`ConvDecoder` inside ``module`` (the largest
+    activation of one evaluation block on a CPU, in bytes; None: no blocking); returns it."""
+    if block_bytes is not None and (isinstance(block_bytes, bool)
+                                    or not isinstance(block_bytes, int) or block_bytes < 1):
+        raise ValueError(f"block_bytes must be a positive integer or None, got {block_bytes!r}")
+    for m in module.modules():
+        if isinstance(m, ConvDecoder):
+            m.eval_block_bytes = block_bytes
+    return module
+
+
+def set_inplace_relu(module: nn.Module, enabled: bool = True) -> nn.Module:
+    """Run the ReLUs of every :class:`ConvDecoder` inside ``module`` in place (``enabled``,
+    the default) or out of place (as before: one more buffer per activation); returns it.
+    The values are the same."""
+    for dec in module.modules():
+        if isinstance(dec, ConvDecoder):
+            for m in dec.modules():
+                if isinstance(m, nn.ReLU):
+                    m.inplace = enabled
+    return module
 
 
 def count_parameters(module: nn.Module) -> int:
