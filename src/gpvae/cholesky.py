@@ -39,16 +39,24 @@ forms of eq. (13) are computed together (:func:`stacked_blocked_quadratic_forms`
 symmetric packed form (:func:`symmetric_packed`, :func:`packed_quadratic_form`) with
 Sigma_j precomputed needs about as many multiply-adds but is the slower one
 (``PACK_BLOCK``); it is kept for comparison.
+
+Under bfloat16 autocast (``--precision bf16``) the quadratic forms, forward and backward,
+run in float32 with autocast off (:func:`gpvae.precision.fp32_function`): the same numbers
+as without autocast (the rest is element-wise work and sums, which autocast leaves in the
+dtype of their float32 operands).
 """
 from __future__ import annotations
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from .precision import fp32_function  # FP32 islands under autocast (gpvae.precision)
+
 
 # --------------------------------------------------------------------------------------
 # Batched quadratic forms psi^T Sigma_j psi, j = 1..d (no loop over j)
 # --------------------------------------------------------------------------------------
+@fp32_function
 def cholesky_quadratic_form(psi: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
     """psi^T (L_j L_j^T) psi = ||L_j^T psi||^2 for every j, as one matmul.
 
@@ -125,6 +133,7 @@ def packed_outer(psi: torch.Tensor, block: int | None = None) -> torch.Tensor:
     return outer.flatten(-3)
 
 
+@fp32_function
 def packed_quadratic_form(psi: torch.Tensor, packed: torch.Tensor,
                           block: int | None = None) -> torch.Tensor:
     """psi^T Sigma_j psi for every j from :func:`symmetric_packed` factors: the block
@@ -253,6 +262,7 @@ class _BlockedCholeskyQuadratic(torch.autograd.Function):
         ctx.block = block
 
     @staticmethod
+    @fp32_function
     @once_differentiable
     def backward(ctx, grad_q, grad_frob, *_):
         psi, diag, blocks, dg, proj, mask = ctx.saved_tensors
@@ -363,6 +373,7 @@ class _StackedBlockedCholeskyQuadratic(torch.autograd.Function):
         _BlockedCholeskyQuadratic.setup_context(ctx, inputs, output)  # the same saved tensors
 
     @staticmethod
+    @fp32_function
     @once_differentiable
     def backward(ctx, grad_q, grad_frob, *_):
         psi, diag, blocks, dg, proj, mask = ctx.saved_tensors
@@ -409,6 +420,7 @@ class _StackedBlockedCholeskyQuadratic(torch.autograd.Function):
         return grad_psi, grad_log_diag, grad_blocks, None, None, None
 
 
+@fp32_function
 def _quadratic_and_frobenius(psi, log_diag, blocks, block, mask=None, with_frobenius=True):
     """(psi^T L_j L_j^T psi (..., d), sum_j ||L_j||_F^2) from column-blocked factors (the
     second a constant 0 unless ``with_frobenius``)."""
@@ -459,6 +471,7 @@ class _BlockedFrobenius(torch.autograd.Function):
         ctx.block = block
 
     @staticmethod
+    @fp32_function
     @once_differentiable
     def backward(ctx, grad):
         log_diag, blocks, mask = ctx.saved_tensors
@@ -516,6 +529,7 @@ def dense_to_blocked(chol: torch.Tensor, block: int) -> tuple[torch.Tensor, torc
     return log_diag, blocks
 
 
+@fp32_function
 def stacked_blocked_quadratic_forms(psi_m: torch.Tensor, psi_s: torch.Tensor,
                                     diag_blocks: torch.Tensor, slabs: list[torch.Tensor],
                                     block: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from .devices import resolve_device
 from .errors import CheckpointError, ConfigError, OutputError, describe
+from .precision import check_precision
 
 try:
     import fcntl
@@ -147,6 +148,9 @@ class TrainConfig:
     limit_test: int | None = None
     valid_samples: int = 1  # importance samples per validation image for the ELBO
     device: str = "auto"
+    #: fp32, tf32 or bf16 (:mod:`gpvae.precision`) for the training steps and the validation
+    #: ELBO; fixed for the run (``--resume`` keeps it)
+    precision: str = "fp32"
 
     def validate(self) -> None:
         def positive(name, value, allow_none=False):
@@ -165,6 +169,12 @@ class TrainConfig:
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"--lr must be a positive number, got {self.lr!r}")
         resolve_device(self.device)
+        check_precision(self.precision)
+
+
+#: TrainConfig fields added after runs were first written: a config.json without them
+#: loads with their defaults (a run written before ``precision`` existed trained in fp32)
+ADDED_FIELDS = ("precision",)
 
 
 def read_config(run_dir) -> TrainConfig:
@@ -183,7 +193,7 @@ def read_config(run_dir) -> TrainConfig:
         raw = json.loads(path.read_bytes().decode("utf-8"))
         if not isinstance(raw, dict):
             raise TypeError("not a JSON object")
-        missing = {f.name for f in fields(TrainConfig)} - raw.keys()
+        missing = {f.name for f in fields(TrainConfig)} - raw.keys() - set(ADDED_FIELDS)
         if missing:  # the trainer writes every field: this file is someone else's
             raise TypeError(f"no {', '.join(sorted(missing))}")
         cfg = TrainConfig(**raw)
