@@ -212,6 +212,105 @@ def cmd_agreement(args) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# compile: compiled vs eager on one device (gpvae.compiling, --compile)
+# --------------------------------------------------------------------------------------
+#: relative tolerance of compiled vs eager on the same device: float rounding only (one
+#: different random draw moves an image's IWAE by ~1e-3 relative)
+TOL_COMPILE = 1e-4
+
+
+def compile_model(spec: str, x: torch.Tensor, device, *, latent_dim: int = 10,
+                  samples: int = 10, steps: int = 3, seed: int = 0) -> dict:
+    """Method ``spec`` (``NAME[:SIZE]``, ``+fused``: the GPVAE's trunks fused) compiled
+    (:mod:`gpvae.compiling`) against its eager copy on ``device``, same weights and seeds:
+    relative errors of IWAE-K / ELBO and of the parameters after ``steps`` training steps,
+    the units that fell back to eager (their one-line reasons), and the seconds of the
+    first compiled pass (compilation included) and of a warm one against eager;
+    ``cudagraph_skips``: graphs inductor compiled but could not record as CUDA graphs (their
+    reasons: rerun with ``TORCH_LOGS=cudagraphs``)."""
+    from torch._dynamo.utils import counters
+
+    from gpvae.compiling import TrainingStep, inference_runner
+    from gpvae.data import ImageData
+    from gpvae.evaluation import estimate
+    from gpvae.models import build_model, parse_model_spec
+    from gpvae.training import make_adam
+
+    name, fused = (spec[:-len("+fused")], True) if spec.endswith("+fused") else (spec, False)
+    method, options = parse_model_spec(name)
+    torch.manual_seed(seed)
+    model = build_model(method, tuple(x.shape[1:]), latent_dim=latent_dim, **options)
+    model.complete_schedule()
+    model = model.to(device)
+    if fused:
+        model.fuse_trunks(True)
+    eager = copy.deepcopy(model)
+    data = ImageData(x.float().cpu())
+    skips = counters["inductor"]["cudagraph_skips"]
+
+    def run(m, compile):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        est = estimate(m, data, samples=samples, batch_size=x.shape[0], seed=seed,
+                       device=device, progress=False, compile=compile)
+        return est, time.perf_counter() - t0
+
+    a, t_eager = run(eager, "off")
+    b, t_first = run(model, "on")
+    _, t_warm = run(model, "on")
+    _, t_eager = run(eager, "off")
+    runner = inference_runner(model, "on", device)
+    failed = {unit.what: unit.failure for unit in (runner.posterior, runner.chunk)
+              if unit.failure}
+    xs = x.to(device)
+    for m in (eager, model):
+        m.train()
+        step = TrainingStep(m, make_adam(m.parameters(), 1e-3), 50_000, m is model, device)
+        optimizer = step.optimizer
+        torch.manual_seed(seed + 1)
+        for _ in range(steps):
+            step(xs)
+            optimizer.step()
+    if step.runner is None or step.runner.failure:
+        failed["training step"] = step.runner.failure if step.runner else "not compiled"
+    params = rel_error(torch.cat([p.flatten() for p in eager.parameters()]),
+                       torch.cat([p.flatten() for p in model.parameters()]))
+    errors = {"iwae": rel_error(a.iwae, b.iwae), "elbo": rel_error(a.elbo, b.elbo),
+              "params": params}
+    return {"model": spec, **errors, "worst": max(errors.values()), "fell_back": failed,
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips,
+            "first_compiled_s": t_first, "warm_compiled_s": t_warm, "eager_s": t_eager}
+
+
+def cmd_compile(args) -> int:
+    from gpvae.devices import resolve_device
+
+    device = resolve_device(args.device)
+    x = (torch.rand(args.images, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+         if args.synthetic else _mnist_images(args.images))
+    print(f"compiled vs eager on {device}: {x.shape[0]} images, d={args.latent_dim}, "
+          f"IWAE-{args.iwae_samples}, {args.steps} training steps; error = max|eager - "
+          f"compiled| / max|eager| (tol {TOL_COMPILE:.0e})")
+    rows = []
+    for spec in [s.strip() for s in args.models.split(",") if s.strip()]:
+        row = compile_model(spec, x, device, latent_dim=args.latent_dim,
+                            samples=args.iwae_samples, steps=args.steps, seed=args.seed)
+        row["ok"] = bool(row["worst"] <= TOL_COMPILE and not row["fell_back"])
+        rows.append(row)
+        print(f"{spec:<12} iwae={row['iwae']:.1e} elbo={row['elbo']:.1e} "
+              f"params={row['params']:.1e} {'ok' if row['ok'] else 'FAIL'}  IWAE pass: "
+              f"first {row['first_compiled_s']:.1f} s (compiling), warm "
+              f"{row['warm_compiled_s']:.3f} s, eager {row['eager_s']:.3f} s; "
+              f"{row['cudagraph_skips']} graphs not recorded as CUDA graphs"
+              + "".join(f"\n  fell back: {k}: {v}" for k, v in row["fell_back"].items()))
+    result = {"device": str(device), "tol": TOL_COMPILE, "ok": all(r["ok"] for r in rows),
+              "rows": rows}
+    print(json.dumps(result))
+    return 0 if result["ok"] else 1
+
+
+# --------------------------------------------------------------------------------------
 # summary
 # --------------------------------------------------------------------------------------
 def last_json(text: str):
@@ -384,11 +483,22 @@ def main(argv=None) -> int:
                    "PyTorch's CUDA default) and/or fp32 (TF32 off)")
     p.add_argument("--synthetic", action="store_true", help="random images, no MNIST")
     p.add_argument("--json-out", help="write the full table here")
+    p = sub.add_parser("compile", help="compiled (--compile on) vs eager on one device")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--models", default="vae,gpvae,gpvae+fused", help="NAME[:SIZE], "
+                   "gpvae+fused: the GPVAE with its trunks fused")
+    p.add_argument("--latent-dim", type=int, default=10)
+    p.add_argument("--images", type=int, default=64, help="real MNIST test images")
+    p.add_argument("--iwae-samples", type=int, default=20)
+    p.add_argument("--steps", type=int, default=3, help="training steps compared")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--synthetic", action="store_true", help="random images, no MNIST")
     p = sub.add_parser("summary", help="the summary table of a gpu_check.sh run")
     p.add_argument("steps", help="the steps file (name, rc, seconds, limit, stdout file)")
     p.add_argument("--out-dir", help="write summary.md, gpu_check.log and bench.jsonl here")
     args = parser.parse_args(argv)
-    return {"agreement": cmd_agreement, "summary": cmd_summary}[args.command](args)
+    return {"agreement": cmd_agreement, "compile": cmd_compile,
+            "summary": cmd_summary}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,12 @@
 #
 # Options and variables:
 #   --quick               tiny sizes everywhere (for a CPU try: GPU_CHECK_DEVICE=cpu)
+#   --options             instead of sections 2-4: the execution options of issue 11 on the GPU
+#                         -- compiled vs eager (scripts/gpu_check.py compile: same numbers,
+#                         what fell back), bench-inference / bench-train / bench-iwae with
+#                         --compile both and --fused-trunks both, and with --precision tf32
+#                         and bf16 -- for a second call of the device tool after the first
+#                         (default budget 300 s; run it with timeout_s 360)
 #   --fetch-wheels        download the wheels into .gpu_wheels/ (here, with network) and exit
 #   GPU_CHECK_DEVICE      cuda (default) or cpu
 #   GPU_CHECK_BUDGET_S    overall deadline in seconds (default 225; --quick: 1800)
@@ -55,9 +61,10 @@ QUICK=0
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=1 ;;
+    --options) OPTIONS=1 ;;
     --fetch-wheels) FETCH=1 ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed 's/^# \{0,1\}//;$d'; exit 0 ;;
-    *) echo "gpu_check.sh: unknown argument $arg (--quick, --fetch-wheels, --help)" >&2; exit 2 ;;
+    *) echo "gpu_check.sh: unknown argument $arg (--quick, --options, --fetch-wheels, --help)" >&2; exit 2 ;;
   esac
 done
 
@@ -98,6 +105,9 @@ START=$(date +%s)
 if [ "$QUICK" = 1 ]; then
   BUDGET="${GPU_CHECK_BUDGET_S:-1800}"; SMOKE_BUDGET=$(( BUDGET / 2 ))
   N_TRAIN=200; N_TEST=40; K=5; SMALL_LIMIT=600; BENCH_LIMIT=900
+elif [ "${OPTIONS:-0}" = 1 ]; then
+  BUDGET="${GPU_CHECK_BUDGET_S:-300}"; SMOKE_BUDGET=0
+  N_TRAIN=400; N_TEST=100; K=20; SMALL_LIMIT=90; BENCH_LIMIT=120
 else
   BUDGET="${GPU_CHECK_BUDGET_S:-225}"; SMOKE_BUDGET=75
   N_TRAIN=400; N_TEST=100; K=20; SMALL_LIMIT=60; BENCH_LIMIT=60
@@ -157,6 +167,22 @@ if dev.type == 'cuda':
 import gpvae, pyro, mnist
 print('gpvae from', gpvae.__file__, '| pyro', pyro.__version__)
 "
+
+# --- --options: compiled / fused / precision on the GPU (issue 11, items 2, 3) ---------------
+if [ "${OPTIONS:-0}" = 1 ]; then
+  step "80-compile-check" "$BENCH_LIMIT" "$DEADLINE" "$PY" scripts/gpu_check.py compile --device "$DEV" --models vae,gpvae,gpvae+fused --latent-dim 50 --images 128 --iwae-samples 20
+  step "81-bench-inference-compile" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models vae,gpvae --compile both --fused-trunks both --device "$DEV" --repeats 5 --json
+  step "82-bench-train-compile" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train --latent-dim 50 --models vae,gpvae --compile both --fused-trunks both --device "$DEV" --steps 10 --repeats 5 --json
+  step "83-bench-iwae-compile" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-iwae --model vae --images 5000 --compile both --device "$DEV" --json
+  for P in tf32 bf16; do
+    step "84-bench-inference-$P" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models vae,gpvae --precision "$P" --device "$DEV" --repeats 5 --json
+    step "85-bench-train-$P" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train --latent-dim 50 --models vae,gpvae --precision "$P" --device "$DEV" --steps 10 --repeats 5 --json
+  done
+  echo
+  echo "gpu_check: $(( $(date +%s) - START )) s in all; device $DEV; files in $OUT_DIR"
+  "$PY" scripts/gpu_check.py summary "$WORK/steps.tsv" --out-dir "$OUT_DIR"
+  exit $?
+fi
 
 # --- 2. every CLI command, tiny, in parallel lanes ----------------------------------------
 DATA=(--limit-train "$N_TRAIN" --limit-test "$N_TEST")

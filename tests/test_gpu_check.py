@@ -62,6 +62,27 @@ def test_a_hanging_step_is_stopped_and_the_rest_reported(tmp_path):
     assert "===== 00-env: TIMEOUT" in (out / "gpu_check.log").read_text()
 
 
+def test_options_mode_runs_only_the_execution_option_steps(tmp_path):
+    """--options (a second device call): the environment, then the compile check and the
+    compile / fused / precision benchmarks -- not the CLI lanes, agreement or section 4."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/bash\ncase \"$*\" in *gpu_check.py*|*'import pyro'*) "
+                    f"exec {sys.executable} \"$@\";; *) sleep 60;; esac\n")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, GPU_CHECK_PYTHON=str(fake), GPU_CHECK_DEVICE="cpu",
+               GPU_CHECK_BUDGET_S="6", OUT=str(out), OMP_NUM_THREADS="1")
+    r = subprocess.run(["bash", str(SCRIPT), "--options"], env=env, capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    summary = (out / "summary.md").read_text()
+    names = [ln.split("|")[1].strip() for ln in summary.splitlines() if ln.startswith("| ")][1:]
+    assert sorted(names) == ["00-env", "80-compile-check", "81-bench-inference-compile",
+                             "82-bench-train-compile", "83-bench-iwae-compile",
+                             "84-bench-inference-bf16", "84-bench-inference-tf32",
+                             "85-bench-train-bf16", "85-bench-train-tf32"]
+
+
 def test_summary_reads_each_steps_json(tmp_path):
     logs = {"71-bench-train": json.dumps({"device": "cuda", "latent_dim": 50, "batch_size": 128,
                                           "models": {

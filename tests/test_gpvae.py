@@ -592,3 +592,104 @@ def test_gp_lr_option():
     for bad in (-1e-3, float("nan"), float("inf"), True, "0.1"):
         with pytest.raises(ConfigError, match="--gp-lr"):
             build_model("gpvae", MNIST, latent_dim=2, gp_lr=bad)
+
+
+# --- fused trunks (GPVAE.fuse_trunks, gpvae.models.gpvae.fused_trunk_features) ----------------
+def _feature_loss(model, x, weights):
+    f = model.features(x)
+    return sum((f[k] * weights[k]).sum() for k in sorted(f))
+
+
+@pytest.mark.parametrize("shape", [MNIST, CIFAR, (3, 64, 64)], ids=["tab6", "tab7", "tab8"])
+def test_fused_trunks_equal_the_three_trunks(shape):
+    """The base encoder's trunk, psi^m and psi^s run as ONE network (first convolution with
+    the three filter banks concatenated, grouped convolutions, one batched FC product) give
+    the three networks' b, c, psi^m, psi^s (float64: to 1e-12), in training and evaluation
+    mode, channels-last as the trunks run; the gradients reaching every parameter are the
+    same; the state dict (keys, order, values) and the FLOP floor are unchanged."""
+    model = _model(d=3, shape=shape).double()
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(3, *shape, generator=g, dtype=torch.float64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flops = model.posterior_flops(2)
+    assert model.fused_trunks is False and model.psi_m.channels_last
+    for training in (True, False):
+        model.train(training)
+        want = model.features(x)
+        got = model.fuse_trunks(True).features(x)
+        model.fuse_trunks(False)
+        assert list(got) == list(want)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-12, msg=k)
+        assert not torch.allclose(want["psi_m"], want["psi_s"])
+    weights = {k: torch.randn(v.shape, generator=g, dtype=torch.float64)
+               for k, v in want.items()}
+    params = list(model.parameters())
+    grads = {}
+    for fused in (False, True):
+        loss = _feature_loss(model.fuse_trunks(fused), x, weights)
+        grads[fused] = torch.autograd.grad(loss, params, allow_unused=True)
+    for (name, _), a, b in zip(model.named_parameters(), grads[False], grads[True]):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=name)
+    assert model.fused_trunks is True and model.posterior_flops(2) == flops
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_fused_trunks_q_and_objective_match_and_follow_in_place_updates():
+    """q(z|x) and the training objective (eq. 15) are the unfused ones; after optimizer
+    steps that write the parameters in place (the fused Adam, which does not bump their
+    version counters) the fused network uses the new weights: nothing is cached."""
+    from gpvae.training import make_adam
+
+    model, other = _model(d=3).double(), _model(d=3).double().fuse_trunks(True)
+    x = torch.rand(4, *MNIST, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    opt = make_adam(model.parameters(), 1e-2)
+    opt_other = make_adam(other.parameters(), 1e-2)
+    for _ in range(2):
+        for m, o in ((model, opt), (other, opt_other)):
+            torch.manual_seed(3)
+            objective, _ = m.training_objective(x, 100)
+            o.zero_grad()
+            (-objective.mean()).backward()
+            o.step()
+    for (name, p), q in zip(model.named_parameters(), other.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-12, msg=name)
+    with torch.no_grad():
+        q_fused, q_plain = other.posterior(x), model.posterior(x)
+    torch.testing.assert_close(q_fused.mean, q_plain.mean, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(q_fused.stddev, q_plain.stddev, rtol=1e-9, atol=1e-12)
+
+
+def test_fused_trunks_under_vmap():
+    """Replicas packed as one torch.func.vmap computation (stacked parameters, NCHW, as
+    gpvae.packing runs them) get each replica's own unfused features."""
+    import copy
+
+    from torch import nn
+    from torch.func import functional_call, stack_module_state, vmap
+
+    from gpvae.networks import set_channels_last
+
+    class Features(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            f = self.model.features(x)
+            return f["b"], f["c"], f["psi_m"], f["psi_s"]
+
+    models = [set_channels_last(_model(d=2, seed=s).double(), False) for s in (0, 1)]
+    params, buffers = stack_module_state([Features(m) for m in models])
+    base = Features(copy.deepcopy(models[0]).fuse_trunks(True)).to("meta")
+    x = torch.rand(2, 3, *MNIST, generator=torch.Generator().manual_seed(2),
+                   dtype=torch.float64)
+    packed = vmap(lambda p, b, xx: functional_call(base, (p, b), (xx,)))(params, buffers, x)
+    for r, m in enumerate(models):
+        want = Features(m)(x[r])
+        for a, b in zip(packed, want):
+            torch.testing.assert_close(a[r], b, rtol=1e-12, atol=1e-12)

@@ -15,12 +15,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+import gpvae.onednn as onednn_module
 from gpvae.errors import ConfigError
 from gpvae.evaluation import estimate
 from gpvae.models import MODELS, parse_model_spec
 from gpvae.models.iaf import IAF, IAFConfig, IAFPosterior
 from gpvae.models.vae import VAE, VAEConfig
-from helpers import images
+from helpers import CountFlops, images
 
 SHAPE = (1, 28, 28)
 F64 = torch.float64
@@ -152,21 +153,26 @@ def test_log_prob_of_arbitrary_points_matches_brute_force():
 
 
 def test_just_drawn_samples_need_no_inverse_pass():
-    """log_prob of what q just drew (IWAE, the training ELBO) runs no further MADE pass; a
-    fresh z runs d passes per step (the sequential inverse)."""
-    d, k = 4, 2
-    model = make_model(d=d, k=k)
+    """log_prob of what q just drew (IWAE, the training ELBO) runs no further MADE pass (no
+    further product at all); a fresh z runs d passes per step (the sequential inverse)."""
+    d, k, ctx, hidden = 4, 2, 3, 8
+    model = make_model(d=d, k=k, ctx=ctx, hidden=hidden)
     calls = []
     for flow in model.flows:
         flow.nn.layers[0].register_forward_hook(lambda *_: calls.append(1))
     with torch.no_grad():
         q = model.posterior(images(2))
-        z = q.sample((3,))
-        assert len(calls) == k
-        q.log_prob(z)
-        assert len(calls) == k
-        q.log_prob(z.clone())
-        assert len(calls) == k + k * d
+        with CountFlops() as drawing:
+            z = q.sample((3,))
+        assert drawing.total > 0
+        with CountFlops() as cached:
+            q.log_prob(z)
+        assert cached.total == 0 and not calls
+        with CountFlops() as inverse:
+            q.log_prob(z.clone())
+        assert len(calls) == k * d
+        made_pass = 2 * 6 * ((d + ctx) * hidden + hidden * 2 * d)  # dense, 3 x 2 rows
+        assert inverse.total == k * d * made_pass
 
 
 def test_each_step_is_triangular_in_its_order_and_the_orders_alternate():
@@ -247,6 +253,127 @@ def test_mean_is_the_flow_of_mu_and_leaves_the_sample_cache_intact():
                             for i in range(2)])
     torch.testing.assert_close(lp, expected, rtol=1e-10, atol=1e-10)
     assert isinstance(q, IAFPosterior) and q.expand((2,)).batch_shape == (2,)
+
+
+def pyro_reference(model, x):
+    """q(z|x) as a plain TransformedDistribution of Pyro's conditioned transforms (what
+    IAFPosterior computed before its fused steps)."""
+    from torch.distributions import Independent, Normal, TransformedDistribution
+
+    mean, std, c = parts(model, x)
+    return TransformedDistribution(Independent(Normal(mean, std), 1),
+                                   [flow.condition(c) for flow in model.flows])
+
+
+def test_fused_steps_give_pyros_samples_densities_and_training_gradients():
+    """rsample + log_prob of the drawn z (the training ELBO's path) = Pyro's transforms,
+    in value and in the gradient w.r.t. every parameter (float64, same noise)."""
+    model = make_model(k=3)
+    x = images(3)
+
+    def objective(q):
+        torch.manual_seed(5)
+        z = q.rsample((2,))
+        return z, q.log_prob(z)
+
+    z, lq = objective(model.posterior(x))
+    (lq.sum() + z.square().sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    z_ref, lq_ref = objective(pyro_reference(model, x))
+    (lq_ref.sum() + z_ref.square().sum()).backward()
+    torch.testing.assert_close(z, z_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lq, lq_ref, rtol=1e-12, atol=1e-12)
+    made_names = [n for n, _ in model.named_parameters() if n.startswith(("flows.", "context."))]
+    assert made_names and set(made_names) <= set(grads)
+    for name, p in model.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_steps_made_without_gradients_are_not_reused_for_training():
+    """q.sample (no gradients) first, then rsample with gradients: the MADE weights still
+    get their gradient."""
+    model = make_model(k=2)
+    q = model.posterior(images(2))
+    q.sample()
+    z = q.rsample()
+    q.log_prob(z).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for flow in model.flows for p in flow.parameters())
+    model.zero_grad()
+    with torch.no_grad():  # q made in evaluation (reused weights), then sampled with autograd
+        q = model.posterior(images(2))
+    z = q.rsample()
+    q.log_prob(z).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for flow in model.flows for p in flow.parameters())
+
+
+def test_q_builds_pyros_transforms_only_for_the_inverse(monkeypatch):
+    from pyro.distributions.transforms import ConditionalAffineAutoregressive
+
+    built = []
+    condition = ConditionalAffineAutoregressive.condition
+    monkeypatch.setattr(ConditionalAffineAutoregressive, "condition",
+                        lambda self, c: built.append(1) or condition(self, c))
+    model = make_model(k=2)
+    with torch.no_grad():
+        q = model.posterior(images(2))
+        z = q.sample((3,))
+        q.log_prob(z)
+        q.mean  # noqa: B018
+        assert q.batch_shape == (2,) and q.event_shape == (model.latent_dim,) and not built
+        q.log_prob(z.clone())
+    assert len(built) == 2 and len(q.transforms) == 2
+
+
+def test_evaluation_sees_every_weight_update_even_without_a_version_bump():
+    """Without autograd the masked weights are formed per q(z|x) (shared by its k steps),
+    never reused across calls: an update that does not bump the parameters' version
+    counters (the fused Adam's, here ``.data``) is seen by the next q; with autograd
+    (training) they are formed in the graph."""
+    model = make_model(k=2)
+    x = images(2)
+
+    def drawn():
+        with torch.no_grad():
+            q = model.posterior(x)
+            torch.manual_seed(0)
+            return q.sample()
+
+    z1 = drawn()
+    weight = model.flows[1].nn.layers[1].weight
+    version = weight._version
+    weight.data.mul_(1.5)
+    assert weight._version == version  # no bump, like the fused Adam step
+    z2 = drawn()
+    assert not torch.equal(z2, z1)
+    torch.manual_seed(0)
+    fresh = pyro_reference(model, x)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        torch.testing.assert_close(z2, fresh.sample(), rtol=1e-10, atol=1e-12)
+    assert model.posterior(x)._weights is None  # autograd on: formed in the graph
+
+
+def test_float32_q_with_onednn_products_is_the_blas_one(monkeypatch):
+    from gpvae.models import vlae as vlae_module
+
+    model = make_model(d=6, k=3, ctx=5, hidden=16, dtype=torch.float32)
+    x = images(4, dtype=torch.float32)
+
+    def draw():
+        with torch.no_grad():
+            q = model.posterior(x)
+            torch.manual_seed(1)
+            z = q.sample((2,))
+            return z, q.log_prob(z), q.mean
+
+    fast = draw()
+    monkeypatch.setattr(onednn_module, "_ONEDNN_LINEAR", None)
+    for a, b in zip(fast, draw()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_starts_from_the_vae_encoder_and_near_the_identity():

@@ -401,6 +401,16 @@ def test_methods_that_cannot_be_packed_are_refused_before_any_work(tmp_path, mon
     assert os.listdir(tmp_path) == []
 
 
+def test_packs_are_fp32_only(tmp_path):
+    """The packed trainer has no autocast: a bf16 pack would train in fp32 while its
+    config.json said bf16, so it is refused before any work."""
+    cfgs = [dataclasses.replace(_cfg(tmp_path / f"r{i}", "vae", {}, i, 0), precision="bf16")
+            for i in range(2)]
+    with pytest.raises(UnsupportedError, match="fp32 only"):
+        train_packed(cfgs, progress=False)
+    assert os.listdir(tmp_path) == []
+
+
 def test_packs_must_differ_only_in_out_and_seeds(tmp_path):
     a = _cfg(tmp_path / "a", "vae", {}, 1, 0)
     b = _cfg(tmp_path / "b", "vae", {}, 2, 3)

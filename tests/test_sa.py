@@ -14,12 +14,16 @@ import pytest
 import torch
 from torch import nn
 
+import gpvae.onednn as onednn_module
 from gpvae.errors import ConfigError
 from gpvae.evaluation import estimate
 from gpvae.flops import forward_flops
+from gpvae.likelihoods import GaussianLikelihood
+from gpvae.models import sa as sa_module
+from gpvae.models import vlae as vlae_module
 from gpvae.models.sa import SA, SAConfig
 from gpvae.models.vae import VAE, VAEConfig
-from helpers import CountFlops, TanhDecoder
+from helpers import CountFlops, TanhDecoder, images
 from helpers import TrainableLinearDecoder as LinearDecoder
 
 SHAPE = (1, 28, 28)
@@ -289,6 +293,158 @@ def test_estimate_runs_under_inference_mode_and_iwae_is_above_the_elbo():
     assert torch.isfinite(est.iwae).all() and (est.iwae >= est.elbo - 1e-9).all()
 
 
+# --- the test-time gradient: closed forms and the decoder's backward pass written out ---------
+def autograd_elbo_gradient(model, x, mu, logvar, eps):
+    """grad_lambda f by autograd through instance_elbo: the straightforward reference."""
+    with torch.enable_grad():
+        mu, logvar = mu.detach().requires_grad_(), logvar.detach().requires_grad_()
+        f = model.instance_elbo(x, mu, logvar, eps)
+        return torch.autograd.grad(f.sum(), (mu, logvar))
+
+
+def reference_refine_autograd(model, x, mu, logvar, noise):
+    """k steps with autograd through instance_elbo (the update of Kim et al., written out)."""
+    cfg = model.config
+    v_mu = v_lv = 0
+    for eps in noise:
+        g_mu, g_lv = autograd_elbo_gradient(model, x, mu, logvar, eps)
+        if cfg.sa_clip > 0:
+            g_mu, g_lv = (g * torch.clamp(cfg.sa_clip / g.norm(dim=-1, keepdim=True), max=1)
+                          for g in (g_mu, g_lv))
+        v_mu, v_lv = cfg.sa_momentum * v_mu + g_mu, cfg.sa_momentum * v_lv + g_lv
+        mu, logvar = mu + cfg.sa_lr * v_mu, logvar + cfg.sa_lr * v_lv
+    return mu.detach(), logvar.detach()
+
+
+class ClippedGaussian(GaussianLikelihood):
+    """A likelihood sa.py has no closed-form gradient for (the autograd branch)."""
+
+    def log_prob(self, x, out):
+        return super().log_prob(x, torch.tanh(out))
+
+
+def sa_model(decoder="conv", likelihood="gaussian", d=3, seed=0, **options):
+    torch.manual_seed(seed)
+    model = SA(SAConfig(latent_dim=d, decoder=decoder, likelihood=likelihood, sigma_x=0.3,
+                        **options), SHAPE).double().eval()
+    if likelihood == "gaussian-learned":
+        with torch.no_grad():
+            model.likelihood.log_sigma.fill_(math.log(0.2))
+    return model
+
+
+def lambdas(n, d, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, d, generator=g, dtype=torch.float64),
+            -1 + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64),
+            torch.randn(n, d, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("decoder, likelihood", [
+    ("conv", "gaussian"), ("fc", "gaussian-learned"), ("conv", "bernoulli"), ("fc", "clipped"),
+])
+def test_test_time_gradient_equals_autograd_through_the_elbo(decoder, likelihood):
+    """elbo_gradient without a graph (closed-form likelihood and KL derivatives, the paper
+    decoders' backward pass written out) = autograd through instance_elbo (float64), with
+    ReLUs active and inactive in every layer."""
+    model = sa_model(decoder, "gaussian" if likelihood == "clipped" else likelihood)
+    if likelihood == "clipped":
+        model.likelihood = ClippedGaussian(0.3).double()
+    assert sa_module.relu_chain(model.decoder) is not None
+    x = images(4)
+    if likelihood == "bernoulli":
+        x = torch.bernoulli(x, generator=torch.Generator().manual_seed(0))
+    mu, lv, eps = lambdas(4, 3)
+    with torch.no_grad():
+        got = model.elbo_gradient(x, mu, lv, eps)
+    want = autograd_elbo_gradient(model, x, mu, lv, eps)
+    for a, b in zip(got, want):
+        assert a.grad_fn is None
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    acts = []
+    hooks = [m.register_forward_hook(lambda m, i, o: acts.append(o))
+             for m in model.decoder.modules() if isinstance(m, nn.ReLU)]
+    with torch.no_grad():
+        model.decode(mu + torch.exp(0.5 * lv) * eps)
+    for h in hooks:
+        h.remove()
+    assert all((a > 0).any() and (a == 0).any() for a in acts)
+
+
+@pytest.mark.parametrize("decoder", ["conv", "fc"])
+def test_test_time_q_equals_k_autograd_steps(decoder):
+    """q(z|x) of SA(3) at test time = three steps with autograd through instance_elbo."""
+    model = sa_model(decoder, sa_steps=3, sa_lr=0.05, sa_clip=50.0)
+    x = images(3)
+    with torch.no_grad():
+        mean, std = model.encoder(x)
+    noise = torch.randn(3, 3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    mu, lv = model.refine(x, mean, 2 * std.log(), noise=noise)
+    mu_ref, lv_ref = reference_refine_autograd(model, x, mean, 2 * std.log(), noise)
+    torch.testing.assert_close(mu, mu_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lv, lv_ref, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(mu, mean, atol=1e-3)
+
+
+def test_written_out_backward_follows_a_blocked_decoder_pass():
+    """A decoder that runs its layers on blocks of z's (cache blocking in evaluation) gets
+    its backward pass block by block: the same gradient as autograd's."""
+    model = sa_model("conv")
+    if not hasattr(model.decoder, "eval_block"):
+        pytest.skip("this decoder has no evaluation blocks")
+    x = images(7)
+    mu, lv, eps = lambdas(7, 3)
+    runs = []
+    model.decoder.register_forward_hook(lambda *a: runs.append(1))
+    model.decoder.fc[1].register_forward_hook(lambda m, i, o: runs.append(o.shape[0]))
+    blocks = model.decoder.eval_block
+    model.decoder.eval_block = lambda z: None if blocks(z) is None else 3  # 3 z's a block
+    with torch.no_grad():
+        got = model.elbo_gradient(x, mu, lv, eps)
+    assert runs[-1] == 1 and len(runs) > 3 and sum(runs[:-1]) == 7  # blocks, one pass
+    want = autograd_elbo_gradient(model, x, mu, lv, eps)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_other_decoders_and_autocast_take_autograd(monkeypatch):
+    assert sa_module.relu_chain(linear_sa().decoder) is None
+    model = sa_model("fc")
+    model.decoder.net[1] = nn.Tanh()
+    assert sa_module.relu_chain(model.decoder) is None
+    mu, lv, eps = lambdas(2, 3)
+    x = images(2)
+    with torch.no_grad():
+        got = model.elbo_gradient(x, mu, lv, eps)
+    for a, b in zip(got, autograd_elbo_gradient(model, x, mu, lv, eps)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    model = sa_model("conv").float()
+    xf, zf = images(2, dtype=torch.float32), mu.float()
+    written = sa_module.decoder_log_likelihood_grad(model, xf, zf)
+    calls = []
+    vjp = sa_module._relu_chain_vjp
+    monkeypatch.setattr(sa_module, "_relu_chain_vjp", lambda *a: calls.append(1) or vjp(*a))
+    sa_module.decoder_log_likelihood_grad(model, xf, zf)
+    assert calls  # once per block of the decoder's pass
+    n = len(calls)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = sa_module.decoder_log_likelihood_grad(model, xf, zf)
+    assert len(calls) == n and low.dtype == torch.float32  # autograd ran, float32 out
+    torch.testing.assert_close(low, written, rtol=0.1, atol=0.1 * written.abs().max().item())
+
+
+def test_test_time_posterior_forms_no_weight_gradient():
+    """Eval-mode q(z|x), also under enable_grad: no parameter gets a .grad, requires_grad
+    flags are unchanged, and what it multiplies is counted by the flop test below."""
+    model = sa_model("conv", sa_steps=2)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with torch.enable_grad():
+        q = model.posterior(images(3))
+    assert q.base_dist.loc.grad_fn is None
+    assert all(p.grad is None for p in model.parameters())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
 # --- options and cost -----------------------------------------------------------------------
 @pytest.mark.parametrize("option, value, flag", [
     ("sa_steps", -1, "--sa-steps"), ("sa_steps", 1.5, "--sa-steps"),
@@ -308,16 +464,25 @@ def test_size_option_is_the_number_of_steps():
 
 @pytest.mark.parametrize("decoder", ["conv", "fc"])
 def test_extra_posterior_flops_is_the_decoder_backward_of_each_step(decoder):
-    """Everything the posterior multiplies = encoder forward + k decoder forwards (plain
-    module passes) + extra_posterior_flops; so no weight gradients are formed at test time."""
+    """Everything the posterior multiplies = encoder forward + k decoder forwards (the
+    decoder's own pass without gradients, counted as it runs: the sub-pixel form of a
+    transposed convolution multiplies a few border windows more than the layer's
+    multiply-adds) + extra_posterior_flops (k backward passes to z, each exactly the
+    decoder's multiply-adds); so no weight gradients are formed at test time."""
     k, b, d = 2, 3, 4
     model = SA(SAConfig(latent_dim=d, sa_steps=k, decoder=decoder), SHAPE).eval()
     x = torch.rand(b, *SHAPE)
     with CountFlops() as counter:
         model.posterior(x)
-    plain = forward_flops(model.encoder, x) + k * forward_flops(model.decoder, torch.zeros(b, d))
-    assert model.extra_posterior_flops(b) == k * forward_flops(model.decoder, torch.zeros(b, d))
+    with CountFlops() as decoder_pass, torch.no_grad():
+        model.decoder(torch.zeros(b, d))
+    layers = forward_flops(model.decoder, torch.zeros(b, d))  # the layers' multiply-adds
+    assert model.extra_posterior_flops(b) == k * layers
+    plain = forward_flops(model.encoder, x) + k * decoder_pass.total
     assert counter.total == plain + model.extra_posterior_flops(b)
-    if hasattr(model, "posterior_flops"):  # the base class's generic count sees the rest
-        assert model.posterior_flops(b) == counter.total
+    # the backward pass's Linear adjoints ran on oneDNN (where available)
+    assert (counter.onednn > decoder_pass.onednn) == (onednn_module._ONEDNN_LINEAR is not None)
+    # the base class's generic count: the layers' forward passes plus the extra
+    assert model.posterior_flops(b) == (forward_flops(model.encoder, x) + k * layers
+                                        + model.extra_posterior_flops(b))
     assert SA(SAConfig(latent_dim=d, sa_steps=0), SHAPE).extra_posterior_flops(b) == 0

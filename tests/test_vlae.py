@@ -12,9 +12,11 @@ import torch
 from torch import nn
 from torch.distributions import MultivariateNormal
 
+import gpvae.onednn as onednn_module
 from gpvae.errors import ConfigError
 from gpvae.evaluation import estimate
 from gpvae.flops import forward_flops
+from gpvae.models import vlae as vlae_module
 from gpvae.models.vlae import VLAE, VLAEConfig, scale_tril_from_precision
 from helpers import CountFlops, Data, TanhDecoder
 from helpers import TrainableLinearDecoder as LinearDecoder
@@ -189,6 +191,102 @@ def test_bernoulli_gauss_newton_is_the_exact_hessian_and_newton_finds_the_mode()
         assert grad.abs().max() < 1e-8
 
 
+def jacfwd_reference(model, mu):
+    """J (B, D, d) by torch.func.jacfwd of each instance's decoder (not the model's code)."""
+    return torch.stack([torch.func.jacfwd(lambda z: model.decode(z).flatten())(m) for m in mu])
+
+
+def test_fc_decoder_jacobian_by_explicit_products_equals_forward_mode():
+    """The FC decoder's J = W3 D2 W2 D1 W1 (mlp_jacobian) equals jacfwd's, with ReLUs both
+    active and inactive in every hidden layer; J is the transpose of a contiguous J^T."""
+    d = 3
+    model = vlae(d=d)
+    assert vlae_module.mlp_layers(model.decoder) is not None
+    mu = 2 * torch.randn(4, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        jac, out = model.linearize(mu)
+        pre = model.decoder.net[0](mu)
+        pre2 = model.decoder.net[2](torch.relu(pre))
+    assert (pre > 0).any() and (pre < 0).any() and (pre2 > 0).any() and (pre2 < 0).any()
+    assert jac.shape == (4, D, d) and jac.mT.is_contiguous()
+    torch.testing.assert_close(jac, jacfwd_reference(model, mu), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(out, model.decode(mu).flatten(1), rtol=0, atol=0)
+
+
+def test_fc_decoder_explicit_path_gives_forward_modes_q_and_training_gradients(monkeypatch):
+    """q(z|x) (eval) and the gradient of the training objective (through every update) are
+    those of the jacfwd path, to rounding (float64, learned sigma_x, k = 2)."""
+    model = vlae(d=3, vlae_steps=2, likelihood="gaussian-learned")
+    x = sample_x(model, 3)
+
+    def run():
+        model.eval()
+        q = model.posterior(x)
+        model.train()
+        model.zero_grad()
+        torch.manual_seed(4)
+        obj, _ = model.training_objective(x, 100)
+        obj.sum().backward()
+        return q, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    q, grads = run()
+    monkeypatch.setattr(vlae_module, "mlp_layers", lambda decoder: None)  # jacfwd
+    q_ref, grads_ref = run()
+    torch.testing.assert_close(q.mean, q_ref.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(q.scale_tril, q_ref.scale_tril, rtol=1e-12, atol=1e-12)
+    for name, g in grads.items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(g, grads_ref[name], rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_float32_q_with_onednn_products_is_the_blas_one(monkeypatch):
+    """Eval in float32 (oneDNN's products, where available) gives F.linear's q to float32
+    rounding."""
+    torch.manual_seed(0)
+    model = VLAE(VLAEConfig(latent_dim=4, decoder="fc", vlae_steps=2), SHAPE).eval()
+    x = torch.rand(5, *SHAPE, generator=torch.Generator().manual_seed(1))
+    q = model.posterior(x)
+    monkeypatch.setattr(onednn_module, "_ONEDNN_LINEAR", None)
+    q_ref = model.posterior(x)
+    torch.testing.assert_close(q.mean, q_ref.mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(q.scale_tril, q_ref.scale_tril, rtol=1e-4, atol=1e-6)
+
+
+def test_explicit_products_only_for_a_plain_fc_relu_decoder():
+    assert vlae_module.mlp_layers(vlae(d=3, decoder="conv").decoder) is None
+    assert vlae_module.mlp_layers(vlae(d=3, replace="tanh").decoder) is None
+    model = vlae(d=3)
+    model.decoder.net[1] = nn.Tanh()  # no longer a ReLU network: forward mode
+    assert vlae_module.mlp_layers(model.decoder) is None
+    mu = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        jac, _ = model.linearize(mu)
+    torch.testing.assert_close(jac, jacfwd_reference(model, mu), rtol=1e-12, atol=1e-13)
+
+
+def test_fast_linear_is_f_linear_and_falls_back(monkeypatch):
+    """oneDNN's product (float32, no autograd) equals F.linear to rounding; with autograd,
+    float64, or a oneDNN op that fails, F.linear itself runs (a failing op is dropped)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 6, 9, generator=g), torch.randn(5, 9, generator=g)
+    ref = torch.nn.functional.linear(x, w)
+    with torch.no_grad():
+        torch.testing.assert_close(onednn_module.fast_linear(x, w), ref, rtol=1e-5, atol=1e-5)
+    wg = w.clone().requires_grad_()
+    y = onednn_module.fast_linear(x, wg)
+    assert y.grad_fn is not None and torch.equal(y, torch.nn.functional.linear(x, wg))
+    assert torch.equal(onednn_module.fast_linear(x.double(), w.double()),
+                       torch.nn.functional.linear(x.double(), w.double()))
+
+    def broken(*args):
+        raise RuntimeError("signature changed")
+
+    monkeypatch.setattr(onednn_module, "_ONEDNN_LINEAR", broken)
+    with torch.no_grad():
+        assert torch.equal(onednn_module.fast_linear(x, w), ref)
+    assert onednn_module._ONEDNN_LINEAR is None
+
+
 def test_an_instance_gets_the_same_q_alone_or_in_a_batch():
     model = vlae(d=3, vlae_steps=2).eval()
     x = sample_x(model, 4)
@@ -272,20 +370,26 @@ def test_size_option_is_the_number_of_updates():
     assert VLAE.posterior_needs_grad is True
 
 
-def test_extra_posterior_flops_counts_the_products():
+@pytest.mark.parametrize("onednn", [True, False])
+def test_extra_posterior_flops_counts_the_products(onednn, monkeypatch):
     """The posterior's matrix products = encoder forward + (k + 1) decoder forwards (plain
-    module passes) + the products of extra_posterior_flops (its Cholesky and triangular-solve
-    terms are not matrix products) + PyTorch's wasted zero-tangent product per layer."""
+    module passes) + the products of extra_posterior_flops, exactly: less its Cholesky and
+    triangular-solve terms and J^T r (a product and a sum over pixels), which are not matrix
+    products.  The FC decoder's explicit Jacobian multiplies no zero weight tangent and no
+    basis tangent by the first layer (F_1), so its products are the floor's."""
     k, b, d = 2, 3, 4
     model = VLAE(VLAEConfig(latent_dim=d, vlae_steps=k, decoder="fc"), SHAPE).eval()
     x = torch.rand(b, *SHAPE)
-    with CountFlops() as counter:
+    if not onednn:
+        monkeypatch.setattr(onednn_module, "_ONEDNN_LINEAR", None)  # F.linear throughout
+    with CountFlops() as counter:  # oneDNN's products included
         model.posterior(x)
     dec = forward_flops(model.decoder, torch.zeros(b, d))
+    first = 2 * d * model.decoder.net[0].out_features * b
     plain = forward_flops(model.encoder, x) + (k + 1) * dec
     factorizations = b * (k * (d**3 // 3 + 2 * d * d) + d**3 // 3 + d**3)
-    products = model.extra_posterior_flops(b) - factorizations
-    assert products == b * ((k + 1) * (d * dec // b + 2 * D * d * d) + k * 2 * D * d)
-    assert counter.total - plain - products in (0, (k + 1) * dec)
-    if hasattr(model, "posterior_flops"):  # the base class's generic count sees the rest
-        assert model.posterior_flops(b) == plain + model.extra_posterior_flops(b)
+    products = model.extra_posterior_flops(b) - factorizations - b * k * 2 * D * d
+    assert products == (k + 1) * (d * (dec - first) + b * 2 * D * d * d)
+    assert counter.total == plain + products
+    assert (counter.onednn > 0) == (onednn and onednn_module._ONEDNN_LINEAR is not None)
+    assert model.posterior_flops(b) == plain + model.extra_posterior_flops(b)

@@ -4,7 +4,11 @@
 Tab. 6 networks.  In the same run it also times a reference: the way pythae's
 ``VAE.get_nll`` works -- one image at a time, its K copies through encoder and decoder in
 one batch -- on a copy of the same model with the networks in the default NCHW layout, so
-the printed speed-up is measured on this machine, now.
+the printed speed-up is measured on this machine, now.  It also times, interleaved with the
+estimator, a baseline: the unchanged code, i.e. a copy of the model decoding as it did
+before the decoder's speed-ups (:func:`gpvae.networks.set_plain_decoding`: native
+transposed convolutions, out-of-place ReLUs, no cache blocking), and checks that both give
+the same IWAE to float rounding.
 """
 from __future__ import annotations
 
@@ -15,13 +19,16 @@ import time
 
 import torch
 
+from .compiling import (BENCH_COMPILE_CHOICES, TrainingStep, check_compile_option,
+                        compile_enabled, inference_runner, posterior_pass_function)
 from .data import load_splits
 from .devices import model_device_dtype, resolve_device
 from .evaluation import estimate
 from .flops import forward_flops
 from .models import build_model, parse_model_list, parse_model_spec
 from .models.base import posterior_without_grad, without_grad
-from .networks import set_channels_last
+from .networks import set_channels_last, set_plain_decoding
+from .precision import autocast_context, check_precision, precision_context, upcast
 from .training import make_adam
 
 
@@ -74,21 +81,53 @@ def bench_iwae(args) -> dict:
     model = build_model(method, test.images.shape[1:], latent_dim=args.latent_dim, **options)
     model = model.to(device).eval()
     n, k = len(test), args.iwae_samples
+    compile_mode = check_compile_option(getattr(args, "compile", "off"), BENCH_COMPILE_CHOICES)
+    both = compile_mode == "both"  # the estimator eager, and compiled, timed interleaved
 
-    def ours():
-        estimate(model, test, samples=k, batch_size=args.batch_size, device=device,
-                 max_batch_samples=args.max_batch_samples, progress=False)
+    def ours(compile="off" if both else compile_mode):
+        return estimate(model, test, samples=k, batch_size=args.batch_size, device=device,
+                        max_batch_samples=args.max_batch_samples, progress=False,
+                        compile=compile)
+
+    # the unchanged code: the same model decoding as before the decoder's speed-ups
+    # (networks.set_plain_decoding), timed interleaved with ours in this run
+    base_model = set_plain_decoding(copy.deepcopy(model))
+
+    def baseline():
+        return estimate(base_model, test, samples=k, batch_size=args.batch_size, device=device,
+                        max_batch_samples=args.max_batch_samples, progress=False)
 
     ref_n = min(n, 100)
     ref_data = type(test)(test.images[:ref_n])
-    ref_model = set_channels_last(copy.deepcopy(model), False)  # NCHW, as pythae runs
+    ref_model = set_channels_last(copy.deepcopy(base_model), False)  # NCHW, as pythae runs
 
     def reference():
         reference_per_image_iwae(ref_model, ref_data, k, device)
 
     ours()  # warm-up
-    t_ours = _time(ours, args.repeats, device)
+    if both:
+        for _ in range(2):  # compile, record the CUDA graphs
+            ours("on")
+        t_ours = t_compiled = math.inf
+        for _ in range(args.repeats):
+            t_ours = min(t_ours, _time(ours, 1, device))
+            t_compiled = min(t_compiled, _time(lambda: ours("on"), 1, device))
+    else:
+        if compile_mode != "off":
+            ours()  # compiled at the first call: record the CUDA graphs too
+        t_ours = _time(ours, args.repeats, device)
     t_ref = _time(reference, args.repeats, device)
+    kept = {}  # the last estimate of each, to compare their numbers
+
+    def keep(name, fn):
+        return lambda: kept.__setitem__(name, fn())
+
+    baseline()  # warm-up
+    t_base = math.inf
+    for _ in range(args.repeats):  # interleaved: baseline, ours, baseline, ours, ...
+        t_base = min(t_base, _time(keep("baseline", baseline), 1, device))
+        t_ours = min(t_ours, _time(keep("ours", ours), 1, device))
+    iwae_diff = float((kept["ours"].iwae - kept["baseline"].iwae).abs().max())
     flops = iwae_flops_per_image(model, k)
     result = {
         "device": str(device), "threads": torch.get_num_threads(), "model": args.model,
@@ -96,19 +135,42 @@ def bench_iwae(args) -> dict:
         "images_per_s": n / t_ours, "reference_images_per_s": ref_n / t_ref,
         "speedup_vs_reference": (n / t_ours) / (ref_n / t_ref),
         "gflop_per_image": flops / 1e9, "achieved_gflop_per_s": flops * n / t_ours / 1e9,
+        "compile": compile_mode,
     }
+    if both:
+        result.update(compiled_images_per_s=n / t_compiled, compile_speedup=t_ours / t_compiled)
+    if both or compile_enabled(compile_mode, device):  # did a unit fall back to eager?
+        runner = inference_runner(model, "on", device)
+        result["compile_fallback"] = {u.what: u.failure for u in (runner.posterior, runner.chunk)
+                                      if u.failure} or None
+    result.update(baseline="native transposed convolutions, out-of-place ReLU, no cache blocking",
+                  baseline_images_per_s=n / t_base, speedup_vs_baseline=t_base / t_ours,
+                  max_abs_iwae_diff_vs_baseline=iwae_diff)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"IWAE-{k} on {n} MNIST test images, {args.model}, Tab. 6 networks, d={args.latent_dim}, "
               f"{device} ({result['threads']} threads), best of {args.repeats}")
-        print(f"  gpvae estimator:            {result['images_per_s']:8.1f} images/s")
+        print(f"  gpvae estimator:            {result['images_per_s']:8.1f} images/s"
+              + ("" if compile_mode == "off" else f" (--compile {compile_mode})"))
+        if both:
+            print(f"  gpvae estimator, compiled:  {result['compiled_images_per_s']:8.1f} "
+                  f"images/s ({result['compile_speedup']:.2f}x eager)")
+        for what, why in (result.get("compile_fallback") or {}).items():
+            print(f"  ({what} ran eagerly, its compilation fell back: {why})")
+        print(f"  baseline (unchanged code):  {result['baseline_images_per_s']:8.1f} images/s "
+              f"({result['baseline']})")
+        print(f"  speed-up vs baseline:       {result['speedup_vs_baseline']:8.2f}x (the same "
+              f"numbers: IWAE differs by at most {iwae_diff:.1e} nats/image)")
         print(f"  per-image reference loop:   {result['reference_images_per_s']:8.1f} images/s "
               f"(pythae get_nll style, {ref_n} images)")
         print(f"  speed-up:                   {result['speedup_vs_reference']:8.2f}x")
         print(f"  FLOP floor: {result['gflop_per_image']:.3f} GFLOP/image (true multiply-adds x 2; "
               f"counting each transposed-convolution output x kernel gives ~4x more) -> "
               f"{result['achieved_gflop_per_s']:.1f} GFLOP/s achieved")
+        if getattr(args, "profile", False):
+            _print_profile({"gpvae estimator": ours, "baseline (unchanged code)": baseline},
+                           device)
     return result
 
 
@@ -136,6 +198,65 @@ def _print_profile(runs: dict, device, rows: int = 12) -> None:
         print(prof.key_averages().table(sort_by=sort, row_limit=rows))
 
 
+def _in_precision(fn, args, device, autocast: bool = True):
+    """``fn`` run under :func:`gpvae.precision.precision_context` of ``args.precision``
+    (fp32 when the command has no such flag)."""
+    precision = getattr(args, "precision", "fp32")
+    check_precision(precision, device)
+
+    def run():
+        with precision_context(precision, device, autocast=autocast):
+            return fn()
+
+    return run
+
+
+def _variants(args, device) -> list[tuple[str, str, bool, bool]]:
+    """How ``--compile`` and ``--fused-trunks`` ask each model to be run: (row-name suffix,
+    its compile part, compiled, fused trunks) per row; ``both`` gives two rows (eager and
+    ``+compile``; three trunks and ``+fused``), timed side by side."""
+    mode = check_compile_option(getattr(args, "compile", "off"), BENCH_COMPILE_CHOICES)
+    fuse = getattr(args, "fused_trunks", "off")
+    compiles = ([(False, ""), (True, "+compile")] if mode == "both"
+                else [(compile_enabled(mode, device), "")])
+    fuses = [(False, ""), (True, "+fused")] if fuse == "both" else [(fuse == "on", "")]
+    return [(fs + cs, cs, compiled, fused) for fused, fs in fuses for compiled, cs in compiles]
+
+
+def _variant_models(name: str, model, variants) -> list[tuple[str, str, object, bool, bool]]:
+    """(row, its reference VAE row, model, compiled, fused) for each of :func:`_variants`: the
+    first row runs ``model`` itself, the others copies (the same weights); fused trunks
+    only for a model that has trunks to fuse (the GPVAE), which gets no ``+fused`` row
+    otherwise."""
+    from .models.gpvae import GPVAE
+
+    rows = []
+    for suffix, compile_suffix, compiled, fused in variants:
+        if fused and not isinstance(model, GPVAE) and "+fused" in suffix:
+            continue
+        m = copy.deepcopy(model) if rows else model
+        fused = fused and isinstance(m, GPVAE)
+        if isinstance(m, GPVAE):
+            m.fuse_trunks(fused)
+        rows.append((name + suffix, "vae" + compile_suffix, m, compiled, fused))
+    return rows
+
+
+def _print_fallbacks(results: dict) -> None:
+    """A line per compiled row that ran eagerly after all (its compilation fell back)."""
+    for name, r in results.items():
+        if r.get("compile_fallback"):
+            print(f"({name}: ran eagerly, its compilation fell back: {r['compile_fallback']})")
+
+
+def _modes_text(out: dict) -> str:
+    """The header's note of ``--compile`` / ``--fused-trunks`` when not off (ratios to the
+    VAE compare rows run the same way: a ``+compile`` row with the compiled VAE)."""
+    modes = [f"--{k.replace('_', '-')} {out[k]}" for k in ("compile", "fused_trunks")
+             if out.get(k, "off") != "off"]
+    return f" ({', '.join(modes)}; ratios to the VAE run the same way)" if modes else ""
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if b else math.nan
 
@@ -152,16 +273,21 @@ def _test_batches(dataset: str, data_dir, batch_size: int, limit: int | None, de
     return [test.batch(slice(i, i + batch_size), device) for i in range(0, len(test), batch_size)]
 
 
-def _posterior_pass(model, batches):
+def _posterior_pass(model, batches, compiled: bool = False):
     """One pass of ``model.compute_posterior`` (q(z|x) and its parameters) over ``batches``,
     without gradients (with autograd inside q(z|x) for a method that needs it).  The
-    batches are cast to the model's device and dtype first (untimed; no copy if they match)."""
+    batches are cast to the model's device and dtype first (untimed; no copy if they match).
+    ``compiled``: as a compiled graph (:func:`gpvae.compiling.posterior_pass_function`)."""
     batches = [x.to(*model_device_dtype(model, x.device)) for x in batches]
+    run = (posterior_pass_function(model, batches[0].device) if compiled
+           else lambda x: without_grad(model, model.compute_posterior, x))
 
     def one_pass():
         with torch.inference_mode():
             for x in batches:
-                without_grad(model, model.compute_posterior, x)
+                run(x)
+
+    one_pass.unit = run if compiled else None  # its .failure: did it fall back?
 
     return one_pass
 
@@ -182,18 +308,30 @@ def bench_inference(args) -> dict:
     from .data import IMAGE_SHAPES
 
     device = resolve_device(args.device)
+    check_precision(getattr(args, "precision", "fp32"), device)
     specs = _with_vae(parse_model_list(args.models))
     names = list(specs)
     batches = _test_batches(args.dataset, args.data_dir, args.batch_size, args.limit_test, device)
-    models, passes = {}, {}
+    models, passes, refs, compiled_rows, fused_rows, units = {}, {}, {}, set(), set(), {}
+    variants = _variants(args, device)
     for name, (method, options) in specs.items():
         torch.manual_seed(0)
         model = build_model(method, IMAGE_SHAPES[args.dataset], latent_dim=args.latent_dim,
                             decoder=args.decoder, **options)
         model.complete_schedule()  # e.g. RME(M) timed with all M components
-        models[name] = model.to(device).eval()
-        passes[name] = _posterior_pass(models[name], batches)
-        passes[name]()  # warm-up
+        for row, ref, m, compiled, fused in _variant_models(name, model.to(device).eval(),
+                                                            variants):
+            models[row], refs[row] = m, ref
+            one_pass = _posterior_pass(m, batches, compiled)
+            units[row] = one_pass.unit
+            passes[row] = _in_precision(one_pass, args, device)
+            for _ in range(2 if compiled else 1):  # warm-up (compiled: and CUDA-graph records)
+                passes[row]()
+            if compiled:
+                compiled_rows.add(row)
+            if fused:
+                fused_rows.add(row)
+    names = list(passes)
     times = {name: [] for name in names}
     for _ in range(args.repeats):
         for name in names:
@@ -203,29 +341,37 @@ def bench_inference(args) -> dict:
         t = times[name]
         results[name] = {"ms_per_batch": sum(t) / len(t), "ms_per_batch_min": min(t),
                          "flops_per_image": models[name].posterior_flops(1)}
-    vae = results["vae"]
-    for r in results.values():
+    for name, r in results.items():
+        vae = results[refs[name]]  # the VAE run the same way (eager or compiled)
         r["ratio_to_vae"] = r["ms_per_batch"] / vae["ms_per_batch"]
         r["flop_ratio_to_vae"] = _ratio(r["flops_per_image"], vae["flops_per_image"])
         r["gflops_per_s"] = r["flops_per_image"] * args.batch_size / r["ms_per_batch"] / 1e6
+        r["compiled"] = name in compiled_rows
+        r["compile_fallback"] = units[name].failure if units[name] else None
+        r["fused_trunks"] = name in fused_rows
     out = {"device": str(device), "threads": torch.get_num_threads(), "dataset": args.dataset,
-           "decoder": args.decoder,
+           "decoder": args.decoder, "precision": getattr(args, "precision", "fp32"),
            "latent_dim": args.latent_dim, "batch_size": args.batch_size,
-           "batches": len(batches), "repeats": args.repeats, "models": results}
+           "batches": len(batches), "repeats": args.repeats,
+           "compile": getattr(args, "compile", "off"),
+           "fused_trunks": getattr(args, "fused_trunks", "off"), "models": results}
     if args.json:
         print(json.dumps(out))
     else:
         print(f"q(z|x) inference time per batch of {args.batch_size}, {args.dataset} test set "
               f"({len(batches)} batches), d={args.latent_dim}, {out['decoder']} decoder, {device} "
-              f"({out['threads']} threads), mean of {args.repeats} passes after a warm-up")
-        print(f"{'model':<10} {'ms/batch':>9} {'ratio to VAE':>13} {'MFLOP/image':>12} "
+              f"({out['threads']} threads), {out['precision']}, mean of {args.repeats} passes "
+              "after a warm-up" + _modes_text(out))
+        w = max(10, *map(len, results))
+        print(f"{'model':<{w}} {'ms/batch':>9} {'ratio to VAE':>13} {'MFLOP/image':>12} "
               f"{'FLOP floor ratio':>17} {'GFLOP/s':>8}")
         for name, r in results.items():
-            print(f"{name:<10} {r['ms_per_batch']:>9.2f} {r['ratio_to_vae']:>13.2f} "
+            print(f"{name:<{w}} {r['ms_per_batch']:>9.2f} {r['ratio_to_vae']:>13.2f} "
                   f"{r['flops_per_image'] / 1e6:>12.2f} {r['flop_ratio_to_vae']:>17.2f} "
                   f"{r['gflops_per_s']:>8.1f}")
         print("(MFLOP/image: the FLOP floor of one q(z|x), 2 x multiply-adds; GFLOP/s: that "
               "floor over the measured time, i.e. the rate the method achieves)")
+        _print_fallbacks(results)
         if args.profile:
             _print_profile(passes, device)
     return out
@@ -240,53 +386,88 @@ def bench_train(args) -> dict:
     from .data import IMAGE_SHAPES, load_splits
 
     device = resolve_device(args.device)
+    check_precision(getattr(args, "precision", "fp32"), device)
     specs = _with_vae(parse_model_list(args.models))
     names = list(specs)
     train_data = load_splits(args.dataset, args.data_dir, limit_train=args.batch_size * 4).train
     x = train_data.batch(slice(0, args.batch_size), device)
 
-    def make_steps(model, opt):
+    def make_steps(model, opt, compiled=False):
         xm = x.to(*model_device_dtype(model, device))  # the model's device and dtype
+        if compiled:  # the trainer's compiled step (gpvae.compiling.TrainingStep)
+            step = TrainingStep(model, opt, 50_000, True, device,
+                                precision=getattr(args, "precision", "fp32"))
+
+            def compiled_steps():
+                for _ in range(args.steps):
+                    step(xm)
+                    opt.step()
+            run = _in_precision(compiled_steps, args, device, autocast=False)
+            run.unit = step.runner  # its .failure: did it fall back?
+            return run
 
         def steps():
             for _ in range(args.steps):
-                obj, _ = model.training_objective(xm, 50_000)
+                with autocast_context(getattr(args, "precision", "fp32"), device):
+                    obj, _ = model.training_objective(xm, 50_000)
                 opt.zero_grad(set_to_none=True)
-                (-obj.mean()).backward()
+                (-upcast(obj).mean()).backward()
                 opt.step()
-        return steps
+        run = _in_precision(steps, args, device, autocast=False)  # as gpvae.training
+        run.unit = None
+        return run
 
-    runs, models = {}, {}
+    runs, models, refs, compiled_rows, fused_rows, units = {}, {}, {}, set(), set(), {}
+    variants = _variants(args, device)
     for name, (method, options) in specs.items():
         torch.manual_seed(0)
         model = build_model(method, IMAGE_SHAPES[args.dataset], latent_dim=args.latent_dim,
                             decoder=args.decoder, **options)
         model.complete_schedule()
-        models[name] = model = model.to(device).train()
-        runs[name] = make_steps(model, make_adam(model.parameters(), lr=5e-4))
-        runs[name]()  # warm-up
+        for row, ref, m, compiled, fused in _variant_models(name, model.to(device).train(),
+                                                            variants):
+            models[row], refs[row] = m, ref
+            runs[row] = make_steps(m, make_adam(m.parameters(), lr=5e-4), compiled)
+            units[row] = runs[row].unit
+            for _ in range(2 if compiled else 1):  # warm-up (compiled: and CUDA-graph records)
+                runs[row]()
+            if compiled:
+                compiled_rows.add(row)
+            if fused:
+                fused_rows.add(row)
+    names = list(runs)
     best = {name: math.inf for name in names}
     for _ in range(args.repeats):
         for name in names:
             best[name] = min(best[name], _time(runs[name], 1, device))
     results = {name: {"ms_per_step": best[name] / args.steps * 1e3,
                       "flops_per_image": _train_floor_flops(models[name])} for name in names}
-    for r in results.values():
-        r["ratio_to_vae"] = r["ms_per_step"] / results["vae"]["ms_per_step"]
-        r["flop_ratio_to_vae"] = _ratio(r["flops_per_image"], results["vae"]["flops_per_image"])
+    for name, r in results.items():
+        vae = results[refs[name]]  # the VAE run the same way (eager or compiled)
+        r["ratio_to_vae"] = r["ms_per_step"] / vae["ms_per_step"]
+        r["flop_ratio_to_vae"] = _ratio(r["flops_per_image"], vae["flops_per_image"])
+        r["compiled"], r["fused_trunks"] = name in compiled_rows, name in fused_rows
+        r["compile_fallback"] = (units[name].failure if units[name] else
+                                 "cannot be one graph" if name in compiled_rows else None)
     out = {"device": str(device), "threads": torch.get_num_threads(), "dataset": args.dataset,
-           "latent_dim": args.latent_dim, "batch_size": args.batch_size, "models": results}
+           "precision": getattr(args, "precision", "fp32"),
+           "latent_dim": args.latent_dim, "batch_size": args.batch_size,
+           "compile": getattr(args, "compile", "off"),
+           "fused_trunks": getattr(args, "fused_trunks", "off"), "models": results}
     if args.json:
         print(json.dumps(out))
     else:
         print(f"training step (batch {args.batch_size}, d={args.latent_dim}, {args.dataset}, "
-              f"{device}, {out['threads']} threads), best of {args.repeats} x {args.steps} steps")
-        print(f"{'model':<10} {'ms/step':>9} {'ratio to VAE':>13} {'MFLOP/image':>12} "
+              f"{device}, {out['threads']} threads, {out['precision']}), best of "
+              f"{args.repeats} x {args.steps} steps" + _modes_text(out))
+        w = max(10, *map(len, results))
+        print(f"{'model':<{w}} {'ms/step':>9} {'ratio to VAE':>13} {'MFLOP/image':>12} "
               f"{'FLOP floor ratio':>17}")
         for name, r in results.items():
-            print(f"{name:<10} {r['ms_per_step']:>9.2f} {r['ratio_to_vae']:>13.2f} "
+            print(f"{name:<{w}} {r['ms_per_step']:>9.2f} {r['ratio_to_vae']:>13.2f} "
                   f"{r['flops_per_image'] / 1e6:>12.2f} {r['flop_ratio_to_vae']:>17.2f}")
         print("(MFLOP/image: the forward FLOP floor, one q(z|x) and one decoder pass)")
+        _print_fallbacks(results)
         if args.profile:
             _print_profile(runs, device)
     return out

@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .likelihoods import LIKELIHOODS
     from .models import MODELS
     from .networks import DECODERS
+    from .precision import PRECISION_HELP, PRECISIONS
+    from .compiling import BENCH_COMPILE_CHOICES, COMPILE_CHOICES, COMPILE_HELP
 
     parser = _Parser(prog="gpvae", description=(
         "Train and evaluate VAEs with amortized inference networks, including the GPVAE "
@@ -119,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid-samples", type=positive_int, help="samples per image for the "
                    "validation ELBO (default 1)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: CUDA when available)")
+    p.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP + ". Stored in the "
+                   "run: --resume keeps it (default fp32)")
+    p.add_argument("--compile", choices=COMPILE_CHOICES, default="off", help=COMPILE_HELP
+                   + ".  An execution option like --device: not stored in the run, so "
+                   "--resume may change it (the steps are the same up to float rounding)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     group = p.add_argument_group("method-specific options")
     for name, (f, owners) in _model_option_fields().items():
@@ -145,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="best validation epoch (default) or last epoch")
     p.add_argument("--seed", type=nonneg_int, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP
+                   + ". Default fp32, whatever precision the run was trained in")
+    p.add_argument("--compile", choices=COMPILE_CHOICES, default="off", help=COMPILE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -260,7 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="z samples decoded per call (default 512)")
     p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--device", default="auto")
+    p.add_argument("--compile", choices=BENCH_COMPILE_CHOICES, default="off",
+                   help=COMPILE_HELP + "; both: the estimator eager and compiled, timed side "
+                   "by side in this run")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="also run the estimator and the baseline once more under torch.profiler "
+                   "and print where their time goes, by operator")
 
     # --- compare ----------------------------------------------------------------------
     p = sub.add_parser("compare", help="train several models over several seeds, compare IWAE",
@@ -358,6 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=positive_int, default=128)
         p.add_argument("--repeats", type=positive_int, default=5)
         p.add_argument("--device", default="auto")
+        p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                       help=PRECISION_HELP + " (default fp32)")
+        p.add_argument("--compile", choices=BENCH_COMPILE_CHOICES, default="off",
+                       help=COMPILE_HELP + "; both: an eager and a compiled row per model, "
+                       "timed side by side in this run")
+        p.add_argument("--fused-trunks", choices=("off", "on", "both"), default="off",
+                       help="GPVAE: run its three encoder trunks (b/c, psi^m, psi^s) as one "
+                       "network -- concatenated and grouped convolutions, one batched FC "
+                       "product; the same features, fewer kernel launches -- (on), as three "
+                       "(off, default), or both rows side by side (+fused)")
         p.add_argument("--json", action="store_true")
         p.add_argument("--profile", action="store_true",
                        help="after timing, run each model once more under torch.profiler and "
@@ -395,7 +421,8 @@ def _train_config(args):
     base = read_config(args.out) if args.resume else TrainConfig(out=args.out)
     cfg = asdict(base)
     for key in ("dataset", "data_dir", "model", "epochs", "batch_size", "lr", "seed",
-                "split_seed", "limit_train", "limit_test", "valid_samples", "device"):
+                "split_seed", "limit_train", "limit_test", "valid_samples", "device",
+                "precision"):
         if key in given:
             cfg[key] = given[key]
     cfg["out"] = args.out
@@ -417,7 +444,7 @@ def cmd_train(args) -> int:
 
     cfg = _train_config(args)
     summary = train(cfg, resume=args.resume, progress=not args.no_progress,
-                    log=lambda m: print(m, file=sys.stderr))
+                    log=lambda m: print(m, file=sys.stderr), compile=args.compile)
     print(f"trained {cfg.model} on {cfg.dataset} for {summary['epochs']} epochs: best validation "
           f"ELBO {summary['best_valid_elbo']:.2f} at epoch {summary['best_epoch']}; "
           f"run directory {summary['run_dir']}")
@@ -429,18 +456,23 @@ def cmd_evaluate(args) -> int:
     from .evaluation import estimate
     from .rundir import load_run, read_config, run_test_split
 
+    from .precision import check_precision
+
     device = resolve_device(args.device)
+    check_precision(args.precision, device)
     cfg = read_config(args.run_dir)
     model, cfg = load_run(args.run_dir, args.checkpoint, device)
     test = run_test_split(cfg, args.data_dir, args.limit_test)
     est = estimate(model, test, samples=args.iwae_samples, batch_size=args.batch_size,
-                   device=device, seed=args.seed, progress=not args.no_progress)
+                   device=device, seed=args.seed, progress=not args.no_progress,
+                   precision=args.precision, compile=args.compile)
     result = {"run_dir": args.run_dir, "model": cfg.model, "dataset": cfg.dataset,
-              "checkpoint": args.checkpoint, **est.summary()}
+              "checkpoint": args.checkpoint, "precision": args.precision, **est.summary()}
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{cfg.model} on {cfg.dataset} ({result['n']} test images, K={args.iwae_samples})")
+        print(f"{cfg.model} on {cfg.dataset} ({result['n']} test images, K={args.iwae_samples}, "
+              f"{args.precision})")
         print(f"  test IWAE-{args.iwae_samples}: {result['test_iwae']:.2f} "
               f"± {result['test_iwae_se']:.2f} nats/image")
         print(f"  test ELBO:     {result['test_elbo']:.2f} ± {result['test_elbo_se']:.2f} nats/image")

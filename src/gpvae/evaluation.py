@@ -12,6 +12,11 @@ samples so memory stays bounded whatever K is, and runs under ``torch.inference_
 on for that call: :func:`gpvae.models.base.posterior_without_grad`).  Only
 ``model.posterior``, ``model.log_likelihood`` and ``model.log_prior`` are used: every
 inference method is scored by the same code.
+
+Precision (``precision``, :mod:`gpvae.precision`): the log weights are computed in it
+(``bf16``: the networks under bfloat16 autocast, every log-density in float32, so the log
+weights are float32); their logsumexp and means are always taken in float64, outside
+autocast.  The default is fp32, whatever precision a run was trained in.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import torch
 
 from .devices import model_device_dtype
 from .errors import ConfigError
+from .precision import check_precision, precision_context
 from .models.base import posterior_without_grad
 
 
@@ -76,13 +82,18 @@ def estimate(
     max_batch_samples: int = 512,
     progress: bool = True,
     desc: str = "IWAE",
+    precision: str = "fp32",
+    compile="off",
 ) -> Estimates:
     """IWAE_K and ELBO for every image of ``data`` (an :class:`~gpvae.data.ImageData`).
 
     Binary likelihoods score a fixed binarization of the images (seeded by ``seed``).
     Each batch is cast to the dtype and device of the model's tensors (its first parameter,
     or buffer), so a model converted with ``.double()`` is scored on the same images;
-    ``device`` is used only by a model that holds no tensors.
+    ``device`` is used only by a model that holds no tensors.  ``precision``: fp32, tf32
+    or bf16 for computing the log weights (module docstring).  ``compile``: ``--compile``
+    off, on or auto (:mod:`gpvae.compiling`: q(z|x) and each chunk's log weights as
+    compiled graphs, the same draws, the same numbers up to float rounding).
     """
     if samples < 1:
         raise ConfigError(f"--iwae-samples must be >= 1, got {samples}")
@@ -91,6 +102,10 @@ def estimate(
     from .progress import progress_bar
 
     device, dtype = model_device_dtype(model, device)
+    check_precision(precision, device)
+    from .compiling import inference_runner
+
+    runner = inference_runner(model, compile, device)
     was_training = model.training
     model.eval()
     n = len(data)
@@ -106,7 +121,10 @@ def estimate(
                 hi = min(n, lo + batch_size)
                 x = model.likelihood.prepare(data.batch(slice(lo, hi)), binarize)
                 x = x.to(device, dtype)
-                lw = log_weights(model, x, samples, max_batch_samples).double()
+                with precision_context(precision, device):
+                    lw = (runner.log_weights(model, x, samples, max_batch_samples) if runner
+                          else log_weights(model, x, samples, max_batch_samples))
+                lw = lw.double()  # the reductions: float64, outside autocast
                 iwae[lo:hi] = (torch.logsumexp(lw, 0) - math.log(samples)).cpu()
                 elbo[lo:hi] = lw.mean(0).cpu()
                 bar.update(hi - lo)

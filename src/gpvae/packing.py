@@ -137,6 +137,9 @@ def check_packable(cfgs) -> list[TrainConfig]:
         raise UnsupportedError(f"{first.model} runs cannot be trained packed (vmap cannot "
                                f"batch its training step: {cls.__name__}.packable() is "
                                "False); train them one at a time")
+    if first.precision != "fp32":
+        raise UnsupportedError(f"packed training runs in fp32 only, got --precision "
+                               f"{first.precision}; train these runs one at a time")
     return cfgs
 
 

@@ -43,6 +43,8 @@ Numerics
   Sigma = Gamma = 0 that reduces the GPVAE to the VAE.
 * Everything is evaluated in float64 internally (float32 on MPS, which has no float64)
   and cast back to the input dtype, so float32 inputs get float32-rounded exact values.
+  Under autocast, float16 / bfloat16 inputs are cast to float32 first and autocast is off
+  (:func:`gpvae.precision.fp32_function`), so the result is float32.
 * Gradients come from a custom :class:`torch.autograd.Function` with the analytic
   derivatives, computed branch by branch, never through 0 * log 0 or i / t:
 
@@ -66,6 +68,8 @@ import math
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from .precision import fp32_function  # FP32 under autocast (gpvae.precision)
 
 __all__ = ["expected_log_square", "PSI_HALF", "T_SWITCH", "N_POISSON", "N_ASYMPTOTIC"]
 
@@ -159,7 +163,9 @@ def _exact_with_grads(a: torch.Tensor, s2: torch.Tensor, need_grad: bool,
         da = ds2 = None
 
     # --- Poisson branch, t < T_SWITCH (A) -------------------------------------------
-    if subset if subset is not None else a.device.type == "cpu":
+    # the subset needs a data-dependent nonzero(), which a compiled graph cannot hold
+    if subset if subset is not None else (a.device.type == "cpu"
+                                          and not torch.compiler.is_compiling()):
         small = (~big).flatten().nonzero().squeeze(-1)
         if small.numel():
             outs = _poisson_branch(a.flatten()[small], s2.flatten()[small],
@@ -226,6 +232,7 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+@fp32_function
 def expected_log_square(
     a,
     s2,

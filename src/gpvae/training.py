@@ -7,6 +7,12 @@ Determinism and resume: every epoch reseeds the global RNGs from (seed, epoch) b
 shuffles, samples or binarizes, and checkpoints are written atomically at the end of each
 epoch.  A run killed at any point and restarted with ``--resume`` therefore replays the
 unfinished epoch exactly and ends with the same weights and metrics as an uninterrupted run.
+
+Precision (``cfg.precision``, :mod:`gpvae.precision`): the TF32 flags of a ``tf32`` run are
+set for the whole of training (forward, backward, optimizer step) and restored after it; a
+``bf16`` run computes each step's objective under bfloat16 autocast and everything else --
+the batch mean of the per-example objective, backward, the NaN/inf guard, Adam on the
+float32 weights -- outside it.  The validation ELBO is scored in the run's precision.
 """
 from __future__ import annotations
 
@@ -20,11 +26,13 @@ from pathlib import Path
 
 import torch
 
+from .compiling import TrainingStep, compile_enabled
 from .checkpoint import (atomic_write_text, load_checkpoint, read_checkpoint,
                          remove_orphan_temps, save_checkpoint)
 from .devices import resolve_device
 from .errors import CheckpointError, ConfigError, DataError, TrainingDivergedError
 from .evaluation import estimate
+from .precision import check_precision, precision_context
 from .progress import progress_bar
 from .rundir import (BEST, CONFIG_FILE, LAST, METRICS, RUN_FILES, TrainConfig,
                      build_from_config, locked_run_dir, read_config, require_empty)
@@ -174,7 +182,8 @@ def load_training_splits(cfg: TrainConfig):
     return splits
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print) -> dict:
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print,
+          compile="off") -> dict:
     """Train (or resume) a run; return the final summary (best epoch and its valid ELBO).
 
     Everything that can be checked is checked before the first step: the options, the
@@ -184,13 +193,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     validation split only: ``best.safetensors`` is the epoch with the highest validation
     ELBO.  A non-finite loss, gradient or weight stops training before anything
     non-finite is saved.  ``resume`` on a run killed before its first epoch finished
-    starts it from the beginning.
+    starts it from the beginning.  ``compile``: ``--compile`` off, on or auto
+    (:mod:`gpvae.compiling`: training steps and validation as compiled graphs; an
+    execution option, not stored in config.json, so a run may resume with another one).
     """
     from .data import IMAGE_SHAPES
 
     cfg.validate()
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
+    check_precision(cfg.precision, device)
+    compiled = compile_enabled(compile, device)
     if cfg.dataset not in IMAGE_SHAPES:
         raise DataError(f"unknown data set {cfg.dataset!r}; choose from {', '.join(IMAGE_SHAPES)}")
     # Build (and validate) the model and load the data before touching the disk: bad
@@ -242,8 +255,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
         elif resume:
             log(f"resuming {out}: no epoch had finished, starting from the first")
         atomic_write_text(out / CONFIG_FILE, json.dumps(asdict(cfg), indent=2) + "\n")
-        _train_epochs(cfg, model, optimizer, splits, device, out, done, history, best,
-                      progress)
+        with precision_context(cfg.precision, device, autocast=False):
+            _train_epochs(cfg, model, optimizer, splits, device, out, done, history, best,
+                          progress, compiled, log)
         return run_summary(out, {"history": history, "best": best}, cfg.epochs)
 
 
@@ -257,14 +271,17 @@ def run_summary(out: Path, meta: dict, epochs: int) -> dict:
 
 
 def _train_epochs(cfg, model, optimizer, splits, device, out: Path, start_epoch: int,
-                  history: list, best: dict, progress: bool) -> None:
+                  history: list, best: dict, progress: bool, compiled: bool = False,
+                  log=print) -> None:
     """Epochs ``start_epoch + 1 .. cfg.epochs``: updates ``history`` and ``best`` in place and
-    checkpoints after every epoch."""
+    checkpoints after every epoch; ``compiled``: each step's forward and backward pass as
+    compiled graphs (:class:`gpvae.compiling.TrainingStep`)."""
     train_data = splits.train.to(device) if device.type == "cuda" else splits.train
     n_train = len(train_data)
     steps = math.ceil(n_train / cfg.batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     fields = metric_fields(model)
+    train_step = TrainingStep(model, optimizer, n_train, compiled, device, log, cfg.precision)
     writer = tensorboard_writer(out)
     bar = progress_bar((cfg.epochs - start_epoch) * steps, unit="step", enabled=progress)
     for epoch in range(start_epoch, cfg.epochs):
@@ -276,10 +293,7 @@ def _train_epochs(cfg, model, optimizer, splits, device, out: Path, start_epoch:
         for step in range(steps):
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             x = model.likelihood.prepare(train_data.batch(idx, device))
-            objective, diag = model.training_objective(x, n_train)
-            loss = -objective.mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, diag = train_step(x)  # zero_grad, objective (autocast), backward
             # one device-to-host sync checks the loss and every gradient
             grad_norm = torch.linalg.vector_norm(torch.stack(
                 [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]))
@@ -295,7 +309,7 @@ def _train_epochs(cfg, model, optimizer, splits, device, out: Path, start_epoch:
             bar.update(1)
             bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
         row = finish_epoch(cfg, model, optimizer, splits, device, epoch, sums, t0, history,
-                           best, fields, writer)
+                           best, fields, writer, compiled)
         bar.set_postfix(valid_elbo=f"{row['valid_elbo']:.1f}")
     bar.close()
     if writer is not None:
@@ -303,7 +317,8 @@ def _train_epochs(cfg, model, optimizer, splits, device, out: Path, start_epoch:
 
 
 def finish_epoch(cfg, model, optimizer, splits, device, epoch: int, sums: dict, t0: float,
-                 history: list, best: dict, fields: list[str], writer) -> dict:
+                 history: list, best: dict, fields: list[str], writer,
+                 compiled: bool = False) -> dict:
     """The end of epoch ``epoch`` (0-based) of the run ``cfg``, after its steps; the one
     code for :func:`train` and packed training (:func:`gpvae.packing.train_packed`, once
     per replica, its weights loaded into ``model``).
@@ -322,7 +337,9 @@ def finish_epoch(cfg, model, optimizer, splits, device, epoch: int, sums: dict, 
     if not _finite_parameters(model):
         raise diverged_error("the weights became non-finite", f"epoch {epoch + 1}", out, epoch)
     valid = estimate(model, splits.valid, samples=cfg.valid_samples, batch_size=500,
-                     device=device, seed=cfg.seed, progress=False).summary()["test_elbo"]
+                     device=device, seed=cfg.seed, progress=False,
+                     precision=cfg.precision,
+                     compile="on" if compiled else "off").summary()["test_elbo"]
     if math.isnan(valid):
         raise diverged_error("the validation ELBO became NaN", f"epoch {epoch + 1}", out, epoch)
     with torch.no_grad():

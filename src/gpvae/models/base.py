@@ -81,6 +81,7 @@ from ..errors import ConfigError, UnsupportedError
 from ..flops import count_flops
 from ..likelihoods import LIKELIHOODS, make_likelihood
 from ..networks import DECODERS, architecture_for, make_decoder
+from ..precision import upcast
 
 T = TypeVar("T")
 
@@ -244,15 +245,17 @@ class LatentVariableModel(nn.Module):
     def prior(self, like: torch.Tensor) -> Distribution:
         """p(z) = N(0, I) (eq. 1), on the device/dtype of ``like``."""
         zeros = like.new_zeros(self.latent_dim)
-        return Independent(Normal(zeros, torch.ones_like(zeros)), 1)
+        return Independent(Normal(zeros, torch.ones_like(zeros), validate_args=False), 1,
+                           validate_args=False)  # valid by construction: no device sync
 
     def log_prior(self, z: torch.Tensor) -> torch.Tensor:
         """log N(z; 0, I) summed over the last dimension."""
         return self.prior(z).log_prob(z)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """g_theta(z): (..., d) -> (..., C, H, W) (means, or logits for Bernoulli)."""
-        return self.decoder(z)
+        """g_theta(z): (..., d) -> (..., C, H, W) (means, or logits for Bernoulli); float32
+        under bfloat16 autocast (:func:`gpvae.precision.upcast`), so log p(x|z) is."""
+        return upcast(self.decoder(z))
 
     def log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """log p(x|z): x (B, C, H, W), z (..., B, d) -> (..., B)."""

@@ -65,8 +65,11 @@ from torch import nn
 from torch.distributions import Independent, Normal
 
 from ..networks import EncoderTrunk, GaussianEncoder
+from ..precision import fp32_function
 from .base import LatentVariableModel, ModelConfig, check_config_type
 
+#: ``torch.addmm`` in float32 under bf16 autocast, as the GPVAE's eq. (13) (gpvae.precision)
+_fp32_addmm = fp32_function(torch.addmm)
 #: F of the smooth standard-deviation floor |a| + F exp(-|a| / F) (module docstring)
 STD_FLOOR = 1e-6
 
@@ -104,14 +107,15 @@ class CMVAE(LatentVariableModel):
         """(b + A psi^m, c + C psi^s), each (B, d): the mean and the signed standard
         deviation a (before :func:`floored_abs`)."""
         b, c = self.encoder(x)
-        m = torch.addmm(b, self.psi_m(x), self.mu.T)
-        a = torch.addmm(c, self.psi_s(x), self.eta.T)
+        m = _fp32_addmm(b, self.psi_m(x), self.mu.T)
+        a = _fp32_addmm(c, self.psi_s(x), self.eta.T)
         return m, a
 
     def posterior(self, x: torch.Tensor) -> Independent:
         """q(z|x) = N(m, Diag(std^2)), std = :func:`floored_abs` (c + C psi^s)."""
         m, a = self.mean_and_scale(x)
-        return Independent(Normal(m, floored_abs(a)), 1)
+        return Independent(Normal(m, floored_abs(a), validate_args=False), 1,
+                           validate_args=False)
 
     def extra_posterior_flops(self, batch_size: int = 1) -> int:
         """The two products A psi^m, C psi^s (2 x 2dp per image); the networks are counted

@@ -39,7 +39,10 @@ products over the stored factor blocks (:func:`~gpvae.cholesky.blocked_cholesky_
 with gradients, :func:`~gpvae.cholesky.stacked_blocked_quadratic_forms` without; the
 packed form, ``form="packed"``, is kept for comparison).  :meth:`GPVAE.fused_encoder`
 snapshots x -> (m, v) as a standalone module with all x-independent operands precomputed
-(used by :mod:`gpvae.export`).
+(used by :mod:`gpvae.export`).  :meth:`GPVAE.fuse_trunks` (an execution switch, off by
+default) runs the base encoder's trunk and psi^m, psi^s -- three networks on the same x --
+as one (:func:`fused_trunk_features`): the same features from the same parameters, with
+fewer, larger kernels.
 
 Learning (Sec. 3.3)
 -------------------
@@ -83,6 +86,7 @@ from ..cholesky import (_diagonal_blocks, _quadratic_and_frobenius, _slabs,
                         stacked_blocked_quadratic_forms, strict_lower_mask, symmetric_packed)
 from ..errors import ConfigError
 from ..networks import EncoderTrunk, GaussianEncoder
+from ..precision import fp32_function
 from ..special import expected_log_square
 from .base import LatentVariableModel, ModelConfig, check_config_type
 
@@ -155,6 +159,9 @@ class GPVAE(LatentVariableModel):
         self.gamma_log_diag = nn.Parameter(torch.full((d, p), log_std))
         self.register_buffer("_chol_mask", strict_lower_mask(self.chol_block, self.mu),
                              persistent=False)
+        #: run the three trunks as one network (:meth:`fuse_trunks`): an execution switch,
+        #: not an option of the model (no effect on its state dict or its numbers)
+        self.fused_trunks = False
 
     # --- q(W, U) --------------------------------------------------------------------------
     def _factor(self, offdiag: torch.Tensor, log_diag: torch.Tensor) -> torch.Tensor:
@@ -267,9 +274,34 @@ class GPVAE(LatentVariableModel):
 
     # --- q(z|x) ---------------------------------------------------------------------------
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """b(x), c(x) (B, d) and psi^m(x), psi^s(x) (B, p)."""
+        """b(x), c(x) (B, d) and psi^m(x), psi^s(x) (B, p); with :meth:`fuse_trunks` on,
+        the three trunks run as one network (:func:`fused_trunk_features`)."""
+        if self.fused_trunks:
+            h, psi_m, psi_s = fused_trunk_features((self.encoder.trunk, self.psi_m, self.psi_s),
+                                                   x)
+            b, c = self.encoder.split_head(self.encoder.head(h))
+            return {"b": b, "c": c, "psi_m": psi_m, "psi_s": psi_s}
         b, c = self.encoder(x)
         return {"b": b, "c": c, "psi_m": self.psi_m(x), "psi_s": self.psi_s(x)}
+
+    def fuse_trunks(self, enabled: bool = True) -> "GPVAE":
+        """Run the base encoder's trunk and psi^m, psi^s as one network
+        (:func:`fused_trunk_features`: the same features to float rounding, from the same
+        parameters; the state dict, checkpoints and gradients are unchanged) or as three
+        (``enabled`` False, the default).  An execution choice: fewer, larger kernels, which
+        pays where launches dominate (a GPU at small batches); returns the model."""
+        self.fused_trunks = bool(enabled)
+        return self
+
+    def posterior_flops(self, batch_size: int = 1) -> int:
+        """The base class's count, always taken on the three trunks run separately: the
+        fused network does the same arithmetic (:meth:`fuse_trunks`), but in functional
+        calls that the layer count's hooks do not see."""
+        fused, self.fused_trunks = self.fused_trunks, False
+        try:
+            return super().posterior_flops(batch_size)
+        finally:
+            self.fused_trunks = fused
 
     def moments(self, x: torch.Tensor, form: str = "chol") -> dict[str, torch.Tensor]:
         """Everything eqs. (13) and (16) need, each (B, d):
@@ -293,9 +325,13 @@ class GPVAE(LatentVariableModel):
         if form not in QUADRATIC_FORMS:
             raise ValueError(f"unknown form {form!r}; choose from {', '.join(QUADRATIC_FORMS)}")
         feats = self.features(x)
-        psi_m, psi_s = feats["psi_m"], feats["psi_s"]
-        m = torch.addmm(feats["b"], psi_m, self.mu.T)
-        a = torch.addmm(feats["c"], psi_s, self.eta.T)
+        return self._moments_from_features(feats["b"], feats["c"], feats["psi_m"],
+                                           feats["psi_s"], form, with_kl_wu)
+
+    @fp32_function  # under bf16 autocast: float32, autocast off (gpvae.precision)
+    def _moments_from_features(self, b, c, psi_m, psi_s, form: str, with_kl_wu: bool):
+        m = torch.addmm(b, psi_m, self.mu.T)
+        a = torch.addmm(c, psi_s, self.eta.T)
         kl_wu = None
         needs_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (psi_m, psi_s, self.sigma_offdiag, self.sigma_log_diag,
@@ -336,7 +372,8 @@ class GPVAE(LatentVariableModel):
         The quadratic forms use the column-blocked Cholesky factors in place, with or
         without gradients (the faster form: :data:`gpvae.cholesky.PACK_BLOCK`)."""
         m, v = self.marginal_moments(x, "chol")
-        return Independent(Normal(m, v.sqrt()), 1)
+        # valid by construction (v > 0): no argument checks (each is a device sync)
+        return Independent(Normal(m, v.sqrt(), validate_args=False), 1, validate_args=False)
 
     def extra_posterior_flops(self, batch_size: int = 1) -> int:
         """Eq. (13)'s arithmetic besides the three networks (which :meth:`posterior_flops`
@@ -365,7 +402,8 @@ class GPVAE(LatentVariableModel):
         z ~ q(z|x) (13); ``kl`` (B,) -- the averaged KL (16); ``kl_wu`` () --
         KL(q(W,U) || N(0,I)) (not yet divided by N)."""
         mom, kl_wu = self._moments(x, "chol", with_kl_wu=True)
-        z = Independent(Normal(mom["m"], mom["v"].sqrt()), 1).rsample()
+        z = Independent(Normal(mom["m"], mom["v"].sqrt(), validate_args=False), 1,
+                        validate_args=False).rsample()
         return {"rec": self.log_likelihood(x, z), "kl": self.averaged_kl(mom), "kl_wu": kl_wu}
 
     def training_objective(self, x: torch.Tensor, n_train: int) -> tuple[torch.Tensor, dict]:
@@ -435,3 +473,47 @@ class _FusedMarginalEncoder(nn.Module):
         qm, s2 = stacked_blocked_quadratic_forms(psi_m, psi_s, self.diag_blocks, slabs,
                                                  self.block)
         return m, a.square() + qm + s2
+
+
+def fused_trunk_features(trunks, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The features of G :class:`~gpvae.networks.EncoderTrunk` s of one architecture on the
+    same x, computed as ONE network: ``tuple(t(x) for t in trunks)`` to float rounding.
+
+    The G trunks' layers run side by side: the first convolution with the G filter banks
+    concatenated (C -> G C_1 channels), each later one as a grouped convolution
+    (``groups=G``: group g sees only trunk g's channels), the activations on all channels
+    at once, and the FC layers as one batched product (G, B, F) x (G, F, h).  The stacked
+    weights are built from the trunks' own parameters on every call (``torch.cat``: the
+    gradients flow back to them; nothing is cached, so no cache can go stale under an
+    optimizer that writes parameters in place), so the state dict is untouched.  Runs in
+    the trunks' memory layout (channels-last when they are) and under ``torch.func.vmap``.
+    """
+    trunks = tuple(trunks)
+    groups = len(trunks)
+    nets = [t.net for t in trunks]
+    if len({len(n) for n in nets}) != 1 or len({t.channels_last for t in trunks}) != 1:
+        raise ValueError("fused_trunk_features needs trunks of one architecture and layout")
+    if trunks[0].channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    h, grouped = x, False  # grouped: h holds the G trunks' channels side by side
+    for layers in zip(*nets):
+        first = layers[0]
+        if len({type(m) for m in layers}) != 1:
+            raise ValueError("fused_trunk_features needs trunks of one architecture")
+        if isinstance(first, nn.Conv2d):
+            weight = torch.cat([m.weight for m in layers], 0)
+            bias = torch.cat([m.bias for m in layers], 0)
+            h = nn.functional.conv2d(h, weight, bias, first.stride, first.padding,
+                                     first.dilation, groups if grouped else 1)
+            grouped = True
+        elif isinstance(first, nn.LeakyReLU):
+            h = nn.functional.leaky_relu(h, first.negative_slope)
+        elif isinstance(first, nn.Flatten):  # each group flattened as its trunk does (C, H, W)
+            h = h.reshape(h.shape[0], groups, -1).transpose(0, 1)
+        elif isinstance(first, nn.Linear):  # (G, B, F) -> (G, B, h)
+            weight = torch.stack([m.weight for m in layers], 0)
+            bias = torch.stack([m.bias for m in layers], 0)
+            h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+        else:
+            raise TypeError(f"fused_trunk_features cannot fuse a {type(first).__name__} layer")
+    return tuple(h.unbind(0))

@@ -63,6 +63,7 @@ from torch.distributions.utils import lazy_property
 
 from ..errors import ConfigError
 from ..networks import GaussianEncoder
+from ..precision import upcast
 from .base import LatentVariableModel, ModelConfig, check_config_type
 
 
@@ -252,7 +253,7 @@ class HF(LatentVariableModel):
         for layer in self.householder:
             v = layer(v)
             vs.append(v)
-        v = torch.stack(vs, dim=-2)
+        v = upcast(torch.stack(vs, dim=-2))  # float32 under bf16 autocast: H_t orthogonal
         norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
         return v / torch.where(norm > 0, norm, torch.ones_like(norm))
 
@@ -262,7 +263,8 @@ class HF(LatentVariableModel):
     def posterior(self, x: torch.Tensor) -> HouseholderNormal:
         features = self.encoder.trunk(x)
         mean, std = self.encoder.split_head(self.encoder.head(features))
-        return HouseholderNormal(mean, std, self.householder_vectors(features))
+        return HouseholderNormal(mean, std, self.householder_vectors(features),
+                                 validate_args=False)
 
     def extra_posterior_flops(self, batch_size: int = 1) -> int:
         """FLOPs of q(z|x) outside the Linear/Conv layers, for ``batch_size`` images, as

@@ -36,11 +36,15 @@ nflows and normflows: README, "Dependencies and why".
 How q is represented.  :class:`IAFPosterior` is a ``TransformedDistribution`` of
 N(mu, Diag(sigma^2)) by the k MADE steps conditioned on c(x).
 
-* ``rsample`` / ``sample``: one MADE pass per step.  Each step caches its last (input,
-  output) pair and its log sigma_t (Pyro's cache), so ``log_prob`` of the tensor just drawn
-  (what :func:`gpvae.evaluation.log_weights` and the training ELBO do) costs no further MADE
-  pass.
-* ``log_prob`` of any other z inverts the flow: the inverse of an autoregressive step is
+* ``rsample`` / ``sample``: one MADE pass per step, computed from the MADE layers' masked
+  weights directly (once per q: the masked weights, and the context's part of every step's
+  first layer as one product), not through Pyro's transform objects -- the same values to
+  rounding, at a fraction of the Python overhead; without autograd the products run on
+  oneDNN where it applies (:func:`gpvae.onednn.linear_kernel`).  q keeps the last
+  drawn tensor and its log density, so ``log_prob`` of the tensor just drawn (what
+  :func:`gpvae.evaluation.log_weights` and the training ELBO do) costs no further MADE pass.
+* ``log_prob`` of any other z inverts the flow through Pyro's transforms (conditioned on
+  c(x) when first needed): the inverse of an autoregressive step is
   sequential, d MADE passes per step (k d in all), so it is exact but slow; it is never
   needed for training or IWAE.  The cache is keyed by tensor identity, so a z that merely
   equals a drawn one (e.g. a copy) takes the inverse and gets the same value.  Far outside
@@ -49,8 +53,8 @@ N(mu, Diag(sigma^2)) by the k MADE steps conditioned on c(x).
   inverse; left as is: such points have density ~0, and training and IWAE never score them).
 * ``mean``: there is no closed-form mean.  ``mean`` returns the flow applied to mu,
   f_k(...f_1(mu)), the latent that reconstructions in the figures decode (:mod:`gpvae.plots`
-  decodes ``q.mean``): the image of the base Gaussian's mode, **not** E_q[z_k].  It runs on
-  freshly conditioned steps, so it never disturbs the cache of a drawn sample.
+  decodes ``q.mean``): the image of the base Gaussian's mode, **not** E_q[z_k].  It never
+  disturbs the cache of a drawn sample.
   ``stddev`` / ``variance`` are not defined (``NotImplementedError``).
 
 Training: the base class's single-sample ELBO; KL(q || N(0, I)) has no closed form and is
@@ -68,10 +72,13 @@ from pyro.nn import ConditionalAutoRegressiveNN
 from torch import nn
 from torch.distributions import Independent, Normal, TransformedDistribution
 from torch.distributions.utils import lazy_property
+from torch.nn import functional as F
 
 from ..errors import ConfigError
 from ..networks import GaussianEncoder
+from ..precision import autocast_enabled, upcast
 from .base import LatentVariableModel, ModelConfig, check_config_type
+from ..onednn import linear_kernel
 
 
 def _positive_int(value) -> bool:
@@ -112,6 +119,12 @@ class IAFConfig(ModelConfig):
                               f"({self.latent_dim}), got {self.iaf_hidden!r}")
 
 
+def _float32_outputs(module, args, output):
+    """Forward hook of each MADE: its outputs (m_t, s_t) in float32 under bfloat16 autocast
+    (:mod:`gpvae.precision`), so the gates sigma_t and log-determinants are float32."""
+    return tuple(upcast(t) for t in output) if isinstance(output, (tuple, list)) else upcast(output)
+
+
 def flow_order(d: int, t: int) -> torch.Tensor:
     """The variable order of step t (0-based): identity for even t, reversed for odd t."""
     order = torch.arange(d)
@@ -131,13 +144,36 @@ class IAFPosterior(TransformedDistribution):
     has_rsample = True
 
     def __init__(self, loc: torch.Tensor, scale: torch.Tensor, context: torch.Tensor,
-                 flows: Sequence[ConditionalAffineAutoregressive], validate_args=None):
+                 flows: Sequence[ConditionalAffineAutoregressive], validate_args=None,
+                 weights: MadeWeights | None = None):
         self.loc, self.scale, self.context = loc, scale, context
         self.flows = tuple(flows)
+        self._weights = weights  # the flows' masked weights (made_weights), if precomputed
         base = Independent(Normal(loc, scale, validate_args=validate_args), 1,
                            validate_args=validate_args)
-        super().__init__(base, [f.condition(context) for f in self.flows],
-                         validate_args=validate_args)
+        # the conditioned Pyro transforms are built when first used (:attr:`transforms`);
+        # the steps are shape-preserving, so the shapes are the base's either way
+        self._transforms = None
+        self._lazy = False
+        super().__init__(base, [], validate_args=validate_args)
+        self._lazy = True
+        self._drawn: tuple[torch.Tensor, torch.Tensor] | None = None  # (z_k, log q(z_k|x))
+        self._steps: tuple[bool, list] | None = None
+
+    @property
+    def transforms(self) -> list:
+        """The k steps as Pyro transforms conditioned on the context (``AffineAutoregressive``,
+        stable form), built on first use: the inverse in :meth:`log_prob` of a point that
+        was not just drawn runs through them."""
+        if self._transforms is None:
+            if not self._lazy:  # inside TransformedDistribution.__init__
+                return []
+            self._transforms = [f.condition(self.context) for f in self.flows]
+        return self._transforms
+
+    @transforms.setter
+    def transforms(self, value: list) -> None:  # TransformedDistribution.__init__: []
+        self._transforms = list(value) or None
 
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
@@ -147,14 +183,108 @@ class IAFPosterior(TransformedDistribution):
                             self.context.expand(batch_shape + (c,)), self.flows,
                             validate_args=self._validate_args)
 
+    # --- the forward flow, fused -----------------------------------------------------------
+    def _made_steps(self, linear) -> list:
+        """Per step: (the z-part of the first MADE layer's masked weight (H, d), the context
+        part of its pre-activation for these contexts, c W_c^T + b_1 (..., H), the second
+        layer's masked weight (2d, H), its bias with the gate's bias folded into the s half).
+        Computed once per q; the k context parts as one product."""
+        if self._steps is None or self._steps[0] != torch.is_grad_enabled():
+            weights = self._weights
+            if weights is None or torch.is_grad_enabled():
+                weights = made_weights(self.flows)
+            parts = linear(self.context, weights.context_weight, weights.context_bias)
+            steps = [(w_z, part, w_out, b_out) for (w_z, w_out, b_out), part
+                     in zip(weights.steps, parts.split(weights.hidden, dim=-1))]
+            self._steps = (torch.is_grad_enabled(), steps)  # with a graph, or without
+        return self._steps[1]
+
+    def _flow(self, z: torch.Tensor, log_det: bool = True):
+        """(z_k, sum_t sum_i log sigma_t,i) for z_0 = ``z`` (..., d): the k gated steps of the
+        module docstring, from the MADEs' masked weights directly (not through Pyro's
+        transform objects; tests/test_iaf.py checks them against those), with the gate as
+        ``lerp(m, z, sigma) = m + sigma (z - m)``.  Plain differentiable operations
+        (training); without autograd the products run on oneDNN where it applies
+        (:func:`gpvae.onednn.linear_kernel`)."""
+        first = self.flows[0].nn.layers
+        linear = linear_kernel(z, self.context, first[0].weight, first[1].weight)
+        low = autocast_enabled(z.device.type)
+        logits = []
+        for w_z, part, w_out, b_out in self._made_steps(linear):
+            hidden = torch.add(linear(z, w_z), part).relu_()
+            out = linear(hidden, w_out, b_out)
+            if low:
+                out = upcast(out)  # FP32 gates and log-determinants under bf16 autocast
+            m, s = out.chunk(2, dim=-1)  # s: the gate's logit, its bias included
+            z = torch.lerp(m, z, torch.sigmoid(s))
+            logits.append(s)
+        if not log_det:
+            return z, None
+        return z, F.logsigmoid(torch.stack(logits)).sum((0, -1))
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """z_k = f_k(...f_1(z_0)), z_0 = mu + sigma eps: one MADE pass per step; its log
+        density is kept for :meth:`log_prob` of this very tensor."""
+        z0 = self.base_dist.rsample(sample_shape)
+        return self._push(z0)
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        with torch.no_grad():
+            z0 = self.base_dist.sample(sample_shape)
+            return self._push(z0)
+
+    def _push(self, z0: torch.Tensor) -> torch.Tensor:
+        z, log_det = self._flow(z0)
+        self._drawn = (z, self.base_dist.log_prob(z0) - log_det)
+        return z
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """log q(z_k|x): from the kept log-dets for the tensor just drawn (no MADE pass),
+        else by Pyro's exact inverse (d MADE passes per step)."""
+        if self._drawn is not None and value is self._drawn[0]:
+            return self._drawn[1]
+        return super().log_prob(value)
+
     @lazy_property
     def mean(self) -> torch.Tensor:
         """The flow applied to mu (NOT E_q[z_k], which has no closed form): the latent that
-        reconstructions decode.  Freshly conditioned steps, so the sample cache is kept."""
-        z = self.loc
-        for flow in self.flows:
-            z = flow.condition(self.context)(z)
-        return z
+        reconstructions decode.  The sample cache is kept."""
+        return self._flow(self.loc, log_det=False)[0]
+
+
+@dataclass
+class MadeWeights:
+    """The k MADEs' masked weights as :class:`IAFPosterior`'s fused steps use them
+    (:func:`made_weights`)."""
+
+    context_weight: torch.Tensor  # (k H, c): every step's first-layer context columns
+    context_bias: torch.Tensor  # (k H,): every step's first-layer bias
+    hidden: list  # [H] * k
+    steps: list  # per step: (W_z (H, d) contiguous, W_out (2d, H), b_out with the gate bias)
+
+
+def made_weights(flows: Sequence[ConditionalAffineAutoregressive]) -> MadeWeights:
+    """The masked weights of the k MADEs (weight * mask, Pyro's input order [c(x), z]),
+    split for the fused steps; differentiable (training)."""
+    firsts = [flow.nn.layers[0] for flow in flows]
+    c = firsts[0].in_features - flows[0].nn.input_dim
+    masked = [layer.weight * layer.mask for layer in firsts]  # (H, c + d)
+    steps = []
+    for flow, w in zip(flows, masked):
+        last = flow.nn.layers[1]
+        d = last.out_features // 2
+        bias = torch.cat([last.bias[:d], last.bias[d:] + _sigmoid_bias(flow)])
+        steps.append((w[:, c:].contiguous(), last.weight * last.mask, bias))
+    return MadeWeights(torch.cat([w[:, :c] for w in masked]),
+                       torch.cat([layer.bias for layer in firsts]),
+                       [w.shape[0] for w in masked], steps)
+
+
+def _sigmoid_bias(flow: ConditionalAffineAutoregressive) -> float:
+    """The "+2" of sigma_t = sigmoid(s_t + 2): Pyro's ``sigmoid_bias`` of a stable step."""
+    if not flow.kwargs.get("stable", False):
+        raise ValueError("IAF steps must be Pyro's stable (gated) affine autoregressive form")
+    return float(flow.kwargs.get("sigmoid_bias", 2.0))
 
 
 class IAF(LatentVariableModel):
@@ -182,6 +312,7 @@ class IAF(LatentVariableModel):
                 made = ConditionalAutoRegressiveNN(
                     d, config.iaf_context, [config.iaf_hidden], permutation=flow_order(d, t),
                     nonlinearity=nn.ReLU())
+            made.register_forward_hook(_float32_outputs)  # bf16 autocast: FP32 gates, log-dets
             flows.append(ConditionalAffineAutoregressive(made, stable=True))
         self.flows = nn.ModuleList(flows)
 
@@ -195,7 +326,18 @@ class IAF(LatentVariableModel):
     def posterior(self, x: torch.Tensor) -> IAFPosterior:
         features = self.encoder.trunk(x)
         mean, std = self.encoder.split_head(self.encoder.head(features))
-        return IAFPosterior(mean, std, self.context(features), self.flows)
+        return IAFPosterior(mean, std, self.context(features), self.flows, validate_args=False,
+                            weights=self.made_weights())
+
+    def made_weights(self) -> MadeWeights | None:
+        """The MADEs' masked weights for :class:`IAFPosterior` without autograd (evaluation),
+        formed once per q(z|x) for all k steps.  Not cached across calls: a cache keyed on
+        the parameters' version counters goes stale under the fused Adam, which does not
+        bump them (issue 7).  None with autograd on (training: each q forms them in its
+        graph)."""
+        if torch.is_grad_enabled():
+            return None
+        return made_weights(self.flows)
 
     def compute_posterior(self, x: torch.Tensor) -> IAFPosterior:
         """q(z|x) and what a user of a flow needs from it: one z ~ q(z|x) (k MADE passes)
@@ -205,24 +347,25 @@ class IAF(LatentVariableModel):
         return q
 
     def extra_posterior_flops(self, batch_size: int = 1) -> int:
-        """FLOPs of :meth:`compute_posterior` that the Linear-layer count does not see, or
-        counts but need not be done, for ``batch_size`` images:
+        """FLOPs of :meth:`compute_posterior` that the Linear-layer count does not see, for
+        ``batch_size`` images:
 
-        * the MADE layers are ``nn.Linear`` subclasses (Pyro's ``MaskedLinear``) and the
-          layer count charges them as dense; a masked weight is a known zero, so the floor
-          counts only the weights each mask keeps: minus 2 FLOPs per masked-out weight per
-          image and step (the product ``weight * mask``, once per call, not per image, is
-          not counted);
+        * the MADEs: the steps multiply by the masked weights directly (not through the
+          ``MaskedLinear`` modules, which the layer count would see and charge as dense);
+          a masked weight is a known zero, so the floor counts only the weights each mask
+          keeps, 2 FLOPs per kept weight per image and step (the products ``weight *
+          mask``, once per q, not per image, are not counted);
         * z_0 = mu + sigma eps: 2d; each step's gate sigma z + (1 - sigma) m: 4d, its
           log-det sum: d; log N(z_0; mu, sigma^2): 6d (difference, division, square, log
           sigma, sums).
 
-        Elementwise nonlinearities (softplus, sigmoid, ReLU) are not counted, as for the VAE.
+        Elementwise nonlinearities (softplus, sigmoid, ReLU) and biases are not counted, as
+        for the VAE.
         """
         d, k = self.latent_dim, self.num_flows
-        masked_out = sum(int((layer.mask == 0).sum()) for flow in self.flows
-                         for layer in flow.nn.layers)
-        per_image = 2 * d + 5 * d * k + 6 * d - 2 * masked_out
+        kept = sum(int((layer.mask != 0).sum()) for flow in self.flows
+                   for layer in flow.nn.layers)
+        per_image = 2 * d + 5 * d * k + 6 * d + 2 * kept
         return batch_size * per_image
 
 

@@ -46,6 +46,7 @@ from torch.distributions import Categorical, Independent, MixtureSameFamily, Nor
 
 from ..errors import ConfigError
 from ..networks import GaussianEncoder
+from ..precision import upcast
 from .base import LatentVariableModel, ModelConfig, check_config_type
 
 
@@ -147,13 +148,14 @@ class ME(LatentVariableModel):
         """q(z|x): a :class:`GaussianMixture`; for M = 1 the VAE's ``Independent(Normal)``."""
         if self.components == 1:
             mean, std = self.encoder(x)
-            return Independent(Normal(mean, std), 1)
+            return Independent(Normal(mean, std, validate_args=False), 1, validate_args=False)
         features = self.encoder.trunk(x)
         raw = torch.cat([self.encoder.head(features).unsqueeze(-2),
                          self.component_heads(features).unflatten(
                              -1, (self.components - 1, 2 * self.latent_dim))], dim=-2)
         mean, std = self.encoder.split_head(raw)  # (B, M, d) each
-        return GaussianMixture(self.mixture_head(features), mean, std)
+        return GaussianMixture(upcast(self.mixture_head(features)), mean, std,  # float32 logits
+                               validate_args=False)
 
     def training_objective(self, x: torch.Tensor, n_train: int) -> tuple[torch.Tensor, dict]:
         """The stratified ELBO (module docstring), (B,); M = 1: the VAE's ELBO.

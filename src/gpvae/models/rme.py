@@ -285,9 +285,9 @@ class RME(LatentVariableModel):
         k = self.stage
         if k == 1:
             mean, std = self.encoder(x)
-            return Independent(Normal(mean, std), 1)
+            return Independent(Normal(mean, std, validate_args=False), 1, validate_args=False)
         mean, std, eps = self.parts(x, k)
-        return GaussianMixture(mixture_log_weights(eps), mean, std)
+        return GaussianMixture(mixture_log_weights(eps), mean, std, validate_args=False)
 
     # --- training -----------------------------------------------------------------------
     def training_objective(self, x: torch.Tensor, n_train: int) -> tuple[torch.Tensor, dict]:

@@ -57,11 +57,17 @@ close to the edge for a decoder that sharpens in training or a learned, smaller 
 clipping stays on.  A Bernoulli likelihood has far smaller curvature (weights s (1 - s) <=
 1/4 instead of 1 / sigma_x^2 = 100) and wants a larger ``--sa-lr``.
 
-Test time needs autograd (``posterior_needs_grad``): :meth:`SA.posterior` switches
+Test time may need autograd (``posterior_needs_grad``): :meth:`SA.posterior` switches
 gradients on itself (and leaves ``torch.inference_mode`` if a caller is in it), and unless
 the model is training with gradients enabled it takes each step's gradient without a graph
 and detaches, so memory stays that of one decoder forward/backward whatever k is, and the
-returned q(z|x) carries no graph into IWAE sampling.
+returned q(z|x) carries no graph into IWAE sampling.  Each step's gradient is
+:meth:`SA.elbo_gradient`: the KL's and the reparameterization's derivatives in closed
+form, and g = d log p(x|z) / dz from one decoder forward pass and one backward pass to z
+(:func:`decoder_log_likelihood_grad`: for the paper's decoders at test time the backward
+pass is written out, layer by layer, without autograd; else autograd w.r.t. z only, which
+forms no weight gradient).  Training differentiates through the same formulas
+(``create_graph``).
 """
 from __future__ import annotations
 
@@ -70,12 +76,17 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+from torch import nn
 from torch.distributions import Independent, Normal
+from torch.nn import functional as F
 
 from ..errors import ConfigError
 from ..flops import forward_flops
-from ..networks import GaussianEncoder
+from ..likelihoods import BernoulliLikelihood, GaussianLikelihood
+from ..networks import ConvDecoder, FCDecoder, GaussianEncoder
+from ..precision import autocast_enabled
 from .base import LatentVariableModel, ModelConfig, check_config_type
+from ..onednn import fast_linear
 
 SA_NOISE = ("fresh", "shared")
 
@@ -153,7 +164,7 @@ class SA(LatentVariableModel):
         """
         if self.config.sa_steps == 0:
             mean, std = self.encoder(x)
-            return Independent(Normal(mean, std), 1)
+            return Independent(Normal(mean, std, validate_args=False), 1, validate_args=False)
         keep_graph = self.training and torch.is_grad_enabled()
         with torch.inference_mode(False), torch.enable_grad():
             if x.is_inference():
@@ -162,7 +173,8 @@ class SA(LatentVariableModel):
                 mean, std = self.encoder(x)
                 logvar = 2 * torch.log(std)
             mu, logvar = self.refine(x, mean, logvar, create_graph=keep_graph)
-        return Independent(Normal(mu, torch.exp(0.5 * logvar)), 1)
+        return Independent(Normal(mu, torch.exp(0.5 * logvar), validate_args=False), 1,
+                           validate_args=False)
 
     def instance_elbo(self, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
                       eps: torch.Tensor) -> torch.Tensor:
@@ -182,35 +194,57 @@ class SA(LatentVariableModel):
         ``create_graph``: keep the graph through the steps (training: the result is then a
         differentiable function of mu, logvar and the decoder); else every step is detached.
         """
-        cfg = self.config
-        k, alpha, gamma, clip = cfg.sa_steps, cfg.sa_lr, cfg.sa_momentum, cfg.sa_clip
+        k = self.config.sa_steps
         if noise is not None and noise.shape != (k, *mu.shape):
             raise ValueError(f"noise must have shape {(k, *mu.shape)}, got {tuple(noise.shape)}")
-        eps = None
-        v_mu = v_lv = None
-        with torch.enable_grad():
-            for t in range(k):
-                # without a graph to keep, each step starts from fresh leaves (the previous
-                # step's graph is freed); with one, only a constant start becomes a leaf
-                if not (create_graph and mu.requires_grad):
-                    mu = mu.detach().requires_grad_()
-                if not (create_graph and logvar.requires_grad):
-                    logvar = logvar.detach().requires_grad_()
-                if noise is not None:
-                    eps = noise[t]
-                elif eps is None or cfg.sa_noise == "fresh":
-                    eps = torch.randn_like(mu)
-                f = self.instance_elbo(x, mu, logvar, eps)
-                # instances are independent, so d(sum_b f_b)/d lambda_b = grad of f_b alone
-                g_mu, g_lv = torch.autograd.grad(f.sum(), (mu, logvar), create_graph=create_graph)
-                if clip > 0:
-                    g_mu, g_lv = _clip_rows(g_mu, clip), _clip_rows(g_lv, clip)
-                v_mu = g_mu if t == 0 else gamma * v_mu + g_mu
-                v_lv = g_lv if t == 0 else gamma * v_lv + g_lv
-                mu, logvar = mu + alpha * v_mu, logvar + alpha * v_lv
+        # training: the steps' graph is kept (autograd through every step); test time: none
+        grad_mode = torch.enable_grad() if create_graph else torch.no_grad()
+        with grad_mode:
+            mu, logvar = self._steps(x, mu, logvar, noise, create_graph)
         if not create_graph:
             mu, logvar = mu.detach(), logvar.detach()
         return mu, logvar
+
+    def _steps(self, x, mu, logvar, noise, create_graph):
+        """The k steps of :meth:`refine` (its docstring), in the caller's grad mode."""
+        cfg = self.config
+        k, alpha, gamma, clip = cfg.sa_steps, cfg.sa_lr, cfg.sa_momentum, cfg.sa_clip
+        eps = None
+        v_mu = v_lv = None
+        for t in range(k):
+            if noise is not None:
+                eps = noise[t]
+            elif eps is None or cfg.sa_noise == "fresh":
+                eps = torch.randn_like(mu)
+            g_mu, g_lv = self.elbo_gradient(x, mu, logvar, eps, create_graph)
+            if clip > 0:
+                g_mu, g_lv = _clip_rows(g_mu, clip), _clip_rows(g_lv, clip)
+            v_mu = g_mu if t == 0 else gamma * v_mu + g_mu
+            v_lv = g_lv if t == 0 else gamma * v_lv + g_lv
+            mu, logvar = mu + alpha * v_mu, logvar + alpha * v_lv
+        return mu, logvar
+
+    def elbo_gradient(self, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                      eps: torch.Tensor, create_graph: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """grad_lambda f(lambda; x) at the sample z = mu + sigma eps: (df/dmu, df/dlogvar),
+        each (B, d); differentiable (through mu, logvar, the decoder and a learned sigma_x)
+        with ``create_graph``, else computed without a graph (test time).
+
+        Only g = d log p(x|z) / dz needs the decoder (:func:`decoder_log_likelihood_grad`);
+        the rest is in closed form, with sigma = exp(logvar / 2):
+
+            df/dmu = g - mu,    df/dlogvar = g * sigma * eps / 2 - (sigma^2 - 1) / 2
+
+        (the chain rule through z, and the derivatives of the closed-form KL).  The same
+        values as autograd through :meth:`instance_elbo`, to rounding (tests/test_sa.py).
+        Instances are independent, so each row is that instance's own gradient."""
+        sigma = torch.exp(0.5 * logvar)
+        z = torch.addcmul(mu, sigma, eps)
+        g = decoder_log_likelihood_grad(self, x, z, create_graph)
+        g_mu = g - mu
+        g_lv = 0.5 * (g * sigma * eps - torch.exp(logvar) + 1)
+        return g_mu, g_lv
 
     # --- cost ----------------------------------------------------------------------------
     def extra_posterior_flops(self, batch_size: int) -> int:
@@ -230,6 +264,123 @@ class SA(LatentVariableModel):
         p = next(self.decoder.parameters())
         z = torch.zeros(batch_size, self.latent_dim, device=p.device, dtype=p.dtype)
         return self.config.sa_steps * forward_flops(self.decoder, z)
+
+
+def log_likelihood_grad(likelihood, x: torch.Tensor, out: torch.Tensor,
+                        create_graph: bool = False) -> torch.Tensor:
+    """d log p(x|f) / df at the decoder output f = ``out`` (same shape).
+
+    Gaussian (fixed or learned sigma_x): (x - f) / sigma_x^2; Bernoulli with logits f:
+    x - sigmoid(f) (the derivatives of :mod:`gpvae.likelihoods`' log-densities, recorded by
+    autograd when gradients are enabled); any other likelihood: autograd through its
+    ``log_prob`` (a function of ``out``'s graph with ``create_graph``)."""
+    if type(likelihood) is GaussianLikelihood:  # exactly: a subclass may change log_prob
+        return (x - out) * torch.exp(-2 * likelihood.log_sigma)
+    if type(likelihood) is BernoulliLikelihood:
+        return x - torch.sigmoid(out)
+    with torch.enable_grad():
+        if not create_graph:
+            out = out.detach().requires_grad_()
+        (g,) = torch.autograd.grad(likelihood.log_prob(x, out).sum(), out,
+                                   create_graph=create_graph)
+    return g
+
+
+def relu_chain(decoder: nn.Module) -> list[nn.Module] | None:
+    """The layers of a Tab. 6-8 (:class:`~gpvae.networks.ConvDecoder`) or Sec. 11
+    (:class:`~gpvae.networks.FCDecoder`) decoder in the order its forward runs them --
+    weight layers (``nn.Linear``, ``nn.ConvTranspose2d`` with one group and zero padding)
+    alternating with ReLUs (``nn.ReLU`` or a subclass, e.g. an in-place one) -- when it is
+    exactly one of those classes built of those layers; else None
+    (:func:`decoder_log_likelihood_grad` then uses autograd)."""
+    if type(decoder) is FCDecoder:
+        layers = list(decoder.net)
+    elif type(decoder) is ConvDecoder:
+        layers = list(decoder.fc) + list(decoder.deconv)
+    else:
+        return None
+    weights, relus = layers[0::2], layers[1::2]
+    if len(layers) % 2 == 0 or not all(isinstance(m, nn.ReLU) for m in relus):
+        return None
+    for m in weights:
+        if type(m) is nn.Linear:
+            continue
+        if not (isinstance(m, nn.ConvTranspose2d) and m.groups == 1
+                and m.padding_mode == "zeros"):
+            return None
+    return layers
+
+
+def decoder_log_likelihood_grad(model, x: torch.Tensor, z: torch.Tensor,
+                                create_graph: bool = False) -> torch.Tensor:
+    """g = d log p(x|z) / dz (B, d), each instance's own: one decoder forward pass and one
+    backward pass to z (no weight gradients), as J^T (d log p / df).
+
+    ``create_graph`` (training): autograd with ``create_graph=True``, so g is a
+    differentiable function of z, the decoder and the likelihood.  Otherwise no graph is
+    kept, and for the paper's decoders (:func:`relu_chain`; not under autocast) the backward
+    pass is written out: the adjoint of a Linear layer is the product with its weight, of a
+    transposed convolution the ordinary convolution with the same weight, stride, padding
+    and dilation (what autograd's backward computes, without its bookkeeping), of a ReLU its
+    mask (``threshold_backward`` on the ReLU's output, as autograd).  The forward pass is the
+    decoder's own (``model.decode``; hooks keep the ReLU outputs).  Other decoders: autograd,
+    d/dz only.  Each way gives the same values to rounding (tests/test_sa.py)."""
+    layers = None
+    if not create_graph and not autocast_enabled(z.device.type):
+        layers = relu_chain(model.decoder)
+    if layers is None:
+        return decoder_log_likelihood_grad_autograd(model, x, z, create_graph)
+    relus = layers[1::2]
+    acts: list[list[torch.Tensor]] = [[] for _ in relus]  # each ReLU's outputs, in order
+    handles = [r.register_forward_hook(lambda m, i, o, j=j: acts[j].append(o))
+               for j, r in enumerate(relus)]
+    try:
+        with torch.no_grad():
+            out = model.decode(z)
+    finally:
+        for h in handles:
+            h.remove()
+    # a decoder may run its layers on blocks of the z's (cache blocking): the backward
+    # pass then goes block by block too, over the same rows
+    sizes = [a.shape[0] for a in acts[0]]
+    if not sizes or any([a.shape[0] for a in block] != sizes for block in acts) \
+            or sum(sizes) != out.shape[0]:
+        return decoder_log_likelihood_grad_autograd(model, x, z)
+    with torch.no_grad():
+        g_out = log_likelihood_grad(model.likelihood, x, out)
+        grads = [_relu_chain_vjp(layers, [block[b] for block in acts], g)
+                 for b, g in enumerate(g_out.split(sizes))]
+        g = grads[0] if len(grads) == 1 else torch.cat(grads)
+    return g.reshape(z.shape)
+
+
+def decoder_log_likelihood_grad_autograd(model, x: torch.Tensor, z: torch.Tensor,
+                                         create_graph: bool = False) -> torch.Tensor:
+    """:func:`decoder_log_likelihood_grad` by autograd (any decoder)."""
+    with torch.enable_grad():
+        if not (create_graph and z.requires_grad):
+            z = z.detach().requires_grad_()
+        out = model.decode(z)
+        g_out = log_likelihood_grad(model.likelihood, x,
+                                    out if create_graph else out.detach(), create_graph)
+        (g,) = torch.autograd.grad(out, z, g_out, create_graph=create_graph)
+    return g
+
+
+def _relu_chain_vjp(layers: list[nn.Module], acts: list[torch.Tensor],
+                    g: torch.Tensor) -> torch.Tensor:
+    """J^T g for a :func:`relu_chain` decoder (no graph): ``acts`` are its ReLUs' outputs
+    in order, ``g`` the gradient at its output; returns the gradient at its input (N, d)."""
+    for i in range(len(layers) - 1, -1, -2):  # the weight layers, last to first
+        layer = layers[i]
+        if isinstance(layer, nn.Linear):  # g W = F.linear(g, W^T), on oneDNN where it applies
+            g = fast_linear(g.reshape(-1, layer.out_features), layer.weight.mT)
+        else:
+            g = F.conv2d(g, layer.weight, None, layer.stride, layer.padding, layer.dilation)
+        if i > 0:  # the ReLU before this layer
+            act = acts[i // 2 - 1]
+            g = torch.ops.aten.threshold_backward(g.reshape(act.shape), act, 0)
+    return g
 
 
 def _clip_rows(g: torch.Tensor, max_norm: float) -> torch.Tensor:

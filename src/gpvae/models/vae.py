@@ -26,7 +26,7 @@ class VAE(LatentVariableModel):
 
     def posterior(self, x: torch.Tensor) -> Independent:
         mean, std = self.encoder(x)
-        return Independent(Normal(mean, std), 1)
+        return Independent(Normal(mean, std, validate_args=False), 1, validate_args=False)
 
     def fused_encoder(self) -> torch.nn.Module:
         """x -> (mean, variance) of q(z|x), for :mod:`gpvae.export` (a copy of the encoder)."""

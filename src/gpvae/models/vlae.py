@@ -36,6 +36,10 @@ separately, so the Jacobian of u -> f(mu + 1 u^T) (one shared shift u in R^d, th
 plain batch dimension) is each instance's own J: one primal decoder pass at batch B plus d
 tangent passes, with no vmap over the batch.  Forward mode does not need autograd, so at
 test time this runs under ``torch.no_grad`` (or ``torch.inference_mode``) and keeps no graph.
+For the fully connected ReLU decoder of Sec. 11 (Tab. 10-11) J is formed instead by explicit
+products, J = W_3 D_2 W_2 D_1 W_1 with the ReLU masks D_l of the primal pass
+(:func:`mlp_jacobian`): the same J to rounding, without jacfwd's machinery, and at test time
+on oneDNN's matrix product where it applies (:func:`gpvae.onednn.linear_kernel`).
 
 Solves use the Cholesky factor L of Lambda (``torch.cholesky_solve``); q's ``scale_tril``
 comes from the Cholesky factor of Lambda with the coordinate order reversed (as
@@ -59,7 +63,9 @@ from torch.func import jacfwd
 from ..errors import ConfigError
 from ..flops import forward_flops
 from ..likelihoods import BernoulliLikelihood, GaussianLikelihood
-from ..networks import Architecture, EncoderTrunk
+from ..networks import Architecture, ConvDecoder, EncoderTrunk, FCDecoder
+from ..onednn import fast_linear
+from ..precision import fp32_function, upcast
 from .base import LatentVariableModel, ModelConfig, check_config_type
 
 VLAE_SCHEDULES = ("harmonic", "constant")
@@ -137,9 +143,9 @@ class VLAE(LatentVariableModel):
         with torch.inference_mode(False), torch.set_grad_enabled(keep_graph):
             if x.is_inference():
                 x = x.clone()
-            mu, precision = self.laplace(x, self.encoder(x))
+            mu, precision = self.laplace(x, upcast(self.encoder(x)))  # FP32 under bf16
             scale_tril = scale_tril_from_precision(precision)
-        return MultivariateNormal(mu, scale_tril=scale_tril)
+        return MultivariateNormal(mu, scale_tril=scale_tril, validate_args=False)
 
     def eta(self, t: int) -> float:
         """Damping eta_t of update t = 0, 1, ..., k - 1."""
@@ -159,7 +165,16 @@ class VLAE(LatentVariableModel):
         return mu, precision
 
     def linearize(self, mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(J, f(mu)): each instance's decoder Jacobian (B, D, d) and output (B, D) at mu."""
+        """(J, f(mu)): each instance's decoder Jacobian (B, D, d) and output (B, D) at mu.
+
+        A fully connected ReLU decoder (:class:`~gpvae.networks.FCDecoder`) gets its
+        Jacobian by explicit products (:func:`mlp_jacobian`), any other decoder by
+        ``torch.func.jacfwd``; the two agree to rounding (tests/test_vlae.py).  J is
+        returned as the transpose of a contiguous (B, d, D) tensor, the layout in which
+        :meth:`gauss_newton`'s products J^T W J and J^T r are single batched products."""
+        layers = mlp_layers(self.decoder)
+        if layers is not None:
+            return mlp_jacobian(self.decoder, layers, mu, self.decode)
 
         def shifted(u):
             out = self.decode(mu + u).flatten(1)
@@ -169,6 +184,7 @@ class VLAE(LatentVariableModel):
             jac, out = jacfwd(shifted, has_aux=True)(mu.new_zeros(mu.shape[-1]))
         return jac, out
 
+    @fp32_function  # bf16 autocast: J^T W J and J^T r in float32 (gpvae.precision)
     def gauss_newton(self, x: torch.Tensor, out: torch.Tensor, jac: torch.Tensor,
                      need_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Lambda = I + J^T W J (B, d, d) and J^T grad_f log p(x|f) (B, d) at f = ``out``."""
@@ -185,7 +201,9 @@ class VLAE(LatentVariableModel):
             resid = x - s
         if not need_grad:
             return precision, None
-        return precision, (jac_t @ resid.unsqueeze(-1)).squeeze(-1)
+        # J^T r as a product and a sum over pixels: one pass over J, where a batched
+        # matrix-vector product (jac_t @ r) runs far below the memory rate
+        return precision, (jac_t * resid.unsqueeze(-2)).sum(-1)
 
     # --- cost ----------------------------------------------------------------------------
     def extra_posterior_flops(self, batch_size: int) -> int:
@@ -196,8 +214,10 @@ class VLAE(LatentVariableModel):
         D pixels, d latent dimensions, F the decoder's forward FLOPs per image, a
         multiply-add as 2 FLOPs:
 
-        * each of the k + 1 linearizations: the d tangent passes of forward mode, d F per
-          image (a JVP through a Linear/Conv costs its forward's multiply-adds), and
+        * each of the k + 1 linearizations: the d tangent passes, d (F - F_1) per image (a
+          JVP through a Linear/Conv costs its forward's multiply-adds; F_1 is the decoder's
+          first layer, a Linear on z for both of the paper's decoders: the tangents of the
+          basis directions e_j after it are its weight's columns, no products), and
           J^T W J, 2 D d^2 (the full d x d product, as computed); Bernoulli: + D d for
           the row weighting W J;
         * each of the k updates: J^T r, 2 D d; the Cholesky factor of Lambda, d^3 / 3;
@@ -205,23 +225,89 @@ class VLAE(LatentVariableModel):
         * q's ``scale_tril``: a second Cholesky (reversed order), d^3 / 3, and a
           triangular inverse (a triangular solve with d right-hand sides), d^3.
 
-        Elementwise O(B D) work (residuals, likelihood weights) is not counted, as
-        :func:`gpvae.flops.forward_flops` counts none.  PyTorch's forward-mode rules for
-        nn.Linear and the convolutions also multiply the primal input by an all-zero
-        weight tangent (one wasted primal-size product per layer and linearization, i.e.
-        measured products exceed this by F per image and linearization); that is not
-        arithmetic the method needs, so it is not counted.
+        Elementwise O(B D) work (residuals, likelihood weights, ReLU masks) is not counted,
+        as :func:`gpvae.flops.forward_flops` counts none.  Forward mode (``jacfwd``: the
+        conv decoder) does more products than this: PyTorch's rules for nn.Linear and the
+        convolutions also multiply the primal input by an all-zero weight tangent (one
+        primal-size product per layer and linearization, F per image), and it multiplies
+        the basis tangents by the first layer's weight (d F_1); neither is arithmetic the
+        method needs, so neither is counted.  The fully connected decoder's explicit
+        products (:func:`mlp_jacobian`) do exactly the counted ones.
         """
         k, d = self.config.vlae_steps, self.latent_dim
         D = math.prod(self.image_shape)
         p = next(self.decoder.parameters())
         z = torch.zeros(1, d, device=p.device, dtype=p.dtype)
-        per_image = (k + 1) * (d * forward_flops(self.decoder, z) + 2 * D * d * d)
+        tangent_passes = d * (forward_flops(self.decoder, z) - _first_linear_flops(self.decoder))
+        per_image = (k + 1) * (tangent_passes + 2 * D * d * d)
         if isinstance(self.likelihood, BernoulliLikelihood):
             per_image += (k + 1) * D * d
         per_image += k * (2 * D * d + d**3 // 3 + 2 * d * d)
         per_image += d**3 // 3 + d**3
         return batch_size * per_image
+
+
+def _first_linear_flops(decoder: nn.Module) -> int:
+    """Forward FLOPs for one z of the first layer of the paper's decoders (Tab. 6-8's FC
+    layer on z, Sec. 11's first FC layer), a Linear on z; 0 for any other decoder."""
+    if type(decoder) is FCDecoder:
+        first = decoder.net[0]
+    elif type(decoder) is ConvDecoder:
+        first = decoder.fc[0]
+    else:
+        return 0
+    return 2 * first.in_features * first.out_features if type(first) is nn.Linear else 0
+
+
+def mlp_layers(decoder: nn.Module) -> tuple[list[nn.Linear], list[nn.ReLU]] | None:
+    """(Linear layers, ReLUs) of a fully connected ReLU decoder -- a
+    :class:`~gpvae.networks.FCDecoder` (exactly that class) whose ``net`` alternates
+    ``nn.Linear`` and ReLUs (``nn.ReLU`` or a subclass), starting and ending with a Linear --
+    else None."""
+    if type(decoder) is not FCDecoder:
+        return None
+    mods = list(decoder.net)
+    linears, relus = mods[0::2], mods[1::2]
+    if (len(mods) % 2 == 0 or any(type(m) is not nn.Linear for m in linears)
+            or not all(isinstance(m, nn.ReLU) for m in relus)):
+        return None
+    return linears, relus
+
+
+def mlp_jacobian(decoder: nn.Module, layers: tuple[list[nn.Linear], list[nn.ReLU]],
+                 mu: torch.Tensor, decode) -> tuple[torch.Tensor, torch.Tensor]:
+    """(J, f(mu)) of a fully connected ReLU decoder (:func:`mlp_layers`) by explicit products:
+    J = W_L D_{L-1} W_{L-1} ... D_1 W_1, D_l = Diag(relu'(a_l)) at mu, for each instance.
+
+    The primal is ``decode(mu)`` itself (the decoder's own forward; hooks on its ReLUs keep
+    their outputs, whose positive entries are relu' = 1, as forward mode's rule for ReLU
+    uses them).  The tangents of the d basis directions are carried as rows of a (B, d, H)
+    tensor: after the first layer they are its weight's columns (no products), each further
+    layer is one (B d, H) x (H, H') product and the ReLU's mask.  The same J as
+    ``jacfwd`` to rounding, without its vmap machinery, without the product of every layer's
+    input with its all-zero weight tangent, and with J^T (B, d, D) contiguous.  Plain
+    differentiable operations: autograd (training) goes through them as through jacfwd."""
+    linears, relus = layers
+    blocks: list[list[torch.Tensor]] = [[] for _ in relus]  # each ReLU's outputs, in order
+    handles = [r.register_forward_hook(lambda m, i, o, j=j: blocks[j].append(o))
+               for j, r in enumerate(relus)]
+    try:
+        out = decode(mu).flatten(1)
+    finally:
+        for h in handles:
+            h.remove()
+    # a decoder that ran its layers on blocks of the z's: their rows, in order
+    acts = [b[0] if len(b) == 1 else torch.cat(b) for b in blocks if b]
+    if len(acts) != len(relus) or any(a.shape[0] != mu.shape[0] for a in acts):
+        raise RuntimeError("the fully connected decoder did not run each ReLU on every z")
+    tangents = linears[0].weight.mT.unsqueeze(0)  # (1, d, H_1): W_1's columns
+    for i, layer in enumerate(linears):
+        if i > 0:
+            tangents = fast_linear(tangents, layer.weight)
+        if i < len(acts):
+            tangents = tangents * (acts[i] > 0).unsqueeze(-2)
+    jac_t = upcast(tangents).expand(mu.shape[0], -1, -1)  # (B, d, D); expand: one layer
+    return jac_t.mT, out
 
 
 def scale_tril_from_precision(precision: torch.Tensor) -> torch.Tensor:

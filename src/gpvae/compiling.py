@@ -1,0 +1,335 @@
+"""Compiled execution (``--compile``): q(z|x), the IWAE loop and the training step run as
+compiled graphs -- on CUDA as CUDA graphs, launch-free -- with the eager numbers.
+
+What is compiled
+----------------
+Three units, each one ``torch.compile(fullgraph=True, dynamic=False)`` graph per input
+shape, wrapped in a :class:`Fallback`:
+
+* q(z|x): ``model.posterior`` (IWAE evaluation, :class:`CompiledInference`) or
+  ``model.compute_posterior`` (what ``gpvae bench-inference`` times,
+  :func:`posterior_pass_function`);
+* the IWAE loop's per-chunk work: k samples z ~ q(z|x), the decoder and the log-weights
+  log p(x|z) + log p(z) - log q(z|x) (:class:`CompiledInference`, used by
+  :func:`gpvae.evaluation.estimate`); q(z|x) is computed once per batch, then the chunks;
+* the training step's forward pass, ``-mean(training_objective(x, N))`` (eq. 2, or the
+  method's own objective such as the GPVAE's eq. 15), with its backward pass compiled by
+  AOTAutograd (:class:`TrainingStep`); the gradient check and the optimizer step (fused
+  Adam) stay as they are.
+
+On CUDA the mode is ``torch.compile``'s "reduce-overhead" (``triton.cudagraphs``): each
+graph is recorded once as a CUDA graph and replayed, so a q(z|x) or a training step costs
+a few launches instead of one per operator.  Each batch (an IWAE batch, a training step,
+a timed q(z|x)) starts a new CUDA-graph generation
+(``torch.compiler.cudagraph_mark_step_begin``), so the outputs of q(z|x) stay valid
+while that batch's chunks use them.  On CPU the mode is inductor's default (fused C++
+kernels, no graphs): slower to start than on a GPU and not expected to pay off there,
+but it runs the same mechanism, which is how tests/test_compile.py checks it without a GPU.
+
+The same numbers
+----------------
+* Random numbers: inductor's ``fallback_random`` is on, so every draw (z ~ q(z|x), the
+  training step's reparameterised sample) comes from PyTorch's own generator in the same
+  order as in eager mode: the compiled path draws the very same samples.
+* Arithmetic: inductor fuses operators and may reorder sums, so results agree with eager
+  to float rounding, not bit for bit (tests/test_compile.py states the tolerances).
+* Warm-up: the first call of each unit runs eagerly once (filling Python-level caches
+  that a graph cannot fill, e.g. torch.distributions' KL dispatch table), its result is
+  discarded and the random-number state restored, then the compiled call gives the
+  result.  Every result is therefore the compiled one, so a compiled run is
+  deterministic and ``--resume`` continues it exactly as if it had not stopped.
+* Methods whose training step cannot be one graph (:meth:`packable` is False: SA's
+  autograd inside q(z|x), RME's schedule counters read to Python) train eagerly under
+  ``--compile on`` (a one-line note says so); their evaluation is still tried compiled.
+
+The fallback
+------------
+A unit whose compilation fails -- no C++ compiler, an operator or Python construct
+dynamo cannot put in one graph (``torch._dynamo`` errors), a backend failure -- prints
+one line (``warning: --compile: ... runs eagerly (<the error>)``) once and runs eagerly
+from then on: a run is never stopped by compilation.  The failed call is rerun eagerly
+with the random-number state restored, so the numbers are those of an eager run.  An
+error of the model itself is not swallowed: when the eager rerun fails too, its error
+propagates unchanged (and compilation is not blamed).
+
+Options
+-------
+``--compile off`` (eager), ``on`` (compiled where it works), ``auto``: meant to be on for
+CUDA and off on CPU, but off everywhere until a GPU run has measured that compilation
+pays off there (:data:`AUTO_ON_CUDA`).  The benchmarks also take ``both`` (eager and
+compiled rows side by side, measured in one run).  Compilation is an execution option
+like ``--device``, not part of what a run is: it is not stored in config.json, changes
+no weight or checkpoint, and a run may be resumed with another setting (the numbers then
+differ from an uninterrupted run by float rounding only).
+"""
+from __future__ import annotations
+
+import sys
+import weakref
+from typing import Callable
+
+import torch
+
+from .errors import ConfigError
+from .models.base import without_grad
+from .precision import autocast_context, upcast
+
+#: the values of ``--compile`` (the benchmarks add "both")
+COMPILE_CHOICES = ("off", "on", "auto")
+BENCH_COMPILE_CHOICES = COMPILE_CHOICES + ("both",)
+#: whether ``--compile auto`` compiles on CUDA; False until a GPU run measures it helps
+AUTO_ON_CUDA = False
+#: dynamo's limit of recompilations per function, raised to this: the compiled units are
+#: shared by every model in a process and recompile per input shape (a last, smaller
+#: batch; the last IWAE chunk) and per mode (training, evaluation)
+RECOMPILE_LIMIT = 64
+
+COMPILE_HELP = ("run q(z|x), the IWAE loop and the training step as compiled graphs "
+                "(torch.compile; CUDA graphs on CUDA), falling back to eager mode with a "
+                "one-line warning where compilation fails; the same numbers up to float "
+                "rounding.  off (eager), on, or auto: on for CUDA once measured to help -- "
+                "for now auto is off everywhere (default off)")
+
+
+def check_compile_option(value, choices=COMPILE_CHOICES, flag: str = "--compile") -> str:
+    """``value`` if it is one of ``choices``, else a one-line
+    :class:`~gpvae.errors.ConfigError`; True and False stand for "on" and "off"."""
+    if value is True or value is False:
+        value = "on" if value else "off"
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def compile_enabled(option, device) -> bool:
+    """Whether ``--compile OPTION`` compiles on ``device``: "on" yes, "off" no, "auto" only
+    on CUDA and only while :data:`AUTO_ON_CUDA` says it has been measured to help."""
+    option = check_compile_option(option)
+    if option == "auto":
+        return AUTO_ON_CUDA and torch.device(device).type == "cuda"
+    return option == "on"
+
+
+def compile_options(device) -> dict:
+    """inductor's options: its own random numbers off (``fallback_random``: the eager
+    generator, the eager draws), and CUDA graphs on CUDA (= mode "reduce-overhead")."""
+    options = {"fallback_random": True}
+    if torch.device(device).type == "cuda":
+        options["triton.cudagraphs"] = True
+    return options
+
+
+def compiled(fn: Callable, device) -> Callable:
+    """``torch.compile(fn)`` as used here: one graph (``fullgraph``: a graph break is a
+    compilation failure, raised before anything runs), static shapes, :func:`compile_options`.
+    Compilation itself happens at the first call."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                               RECOMPILE_LIMIT)
+    return torch.compile(fn, fullgraph=True, dynamic=False, options=compile_options(device))
+
+
+def warn(message: str) -> None:
+    """The default ``log`` of the fallback: one line on stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    lines = [s.strip() for s in str(exc).splitlines() if s.strip()]
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _rng_state(device: torch.device):
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+class Fallback:
+    """``fast(*args)`` (a compiled unit) with ``eager(*args)`` (the same work, eager) as
+    its fallback; see the module docstring.
+
+    The first call runs ``eager`` as a warm-up (result discarded, random-number state
+    restored), then ``fast``.  If ``fast`` raises, the call is rerun with ``eager`` (state
+    restored first): if that succeeds, compilation failed -- one line goes to ``log``
+    and every later call is eager; if it raises too, that error propagates (it is the
+    model's).  ``fast`` may be None (``torch.compile`` itself failed: ``error``).
+    ``new_step``: on CUDA, each call starts a new CUDA-graph generation (whether it then
+    runs compiled or not: the units called after it in the same batch are in it).
+
+    ``compiled_calls`` counts the calls whose result came from ``fast``; ``failure`` is
+    the one-line reason after a fallback, else None.
+    """
+
+    def __init__(self, fast: Callable | None, eager: Callable, what: str, device,
+                 log: Callable[[str], None] | None = None, new_step: bool = False,
+                 error: BaseException | None = None):
+        self.fast, self.eager, self.what = fast, eager, what
+        self.device = torch.device(device)
+        self.log = log or warn
+        self.new_step = new_step and self.device.type == "cuda"
+        self.warmed = False
+        self.compiled_calls = 0
+        self.failure: str | None = None
+        self._error = error if fast is None else None
+
+    def _fail(self, exc: BaseException) -> None:
+        self.failure = _one_line(exc)
+        self.log(f"warning: --compile: {self.what} runs eagerly ({self.failure})")
+
+    def __call__(self, *args):
+        if self.new_step:  # also when eager: the batch's compiled units start a generation
+            torch.compiler.cudagraph_mark_step_begin()
+        if self.failure is not None:
+            return self.eager(*args)
+        if self._error is not None:
+            self._fail(self._error)
+            return self.eager(*args)
+        state = _rng_state(self.device)
+        if not self.warmed:
+            self.eager(*args)  # an error of the model raises here, unchanged
+            _set_rng_state(state, self.device)
+            self.warmed = True
+        try:
+            out = self.fast(*args)
+        except Exception as exc:  # noqa: BLE001 -- anything compilation raises; see below
+            _set_rng_state(state, self.device)
+            out = self.eager(*args)  # the model's own error propagates from here
+            self._fail(exc)
+            return out
+        self.compiled_calls += 1
+        return out
+
+
+def fallback(fn: Callable, what: str, device, log=None, new_step: bool = False,
+             wrap: Callable | None = None) -> Fallback:
+    """A :class:`Fallback` of :func:`compiled` ``(fn)`` with ``fn`` itself as the eager
+    path; ``wrap``, when given, builds both callables around them (``wrap(compiled(fn))``
+    and ``wrap(fn)``: e.g. adds the backward pass)."""
+    wrap = wrap or (lambda f: f)
+    try:
+        fast = compiled(fn, device)
+    except Exception as exc:  # noqa: BLE001 -- torch.compile unavailable here
+        return Fallback(None, wrap(fn), what, device, log, new_step, error=exc)
+    return Fallback(wrap(fast), wrap(fn), what, device, log, new_step)
+
+
+# --- q(z|x) and the IWAE loop ---------------------------------------------------------------
+def _posterior(model, x):
+    return without_grad(model, model.posterior, x)
+
+
+def _compute_posterior(model, x):
+    return without_grad(model, model.compute_posterior, x)
+
+
+def _log_weights_chunk(model, q, x, k: int):
+    z = q.sample((k,))
+    return model.log_likelihood(x, z) + model.log_prior(z) - q.log_prob(z)
+
+
+class CompiledInference:
+    """Compiled q(z|x) and IWAE log-weights for one model (see the module docstring);
+    :func:`inference_runner` gives each model one, kept for the model's lifetime (so a
+    failure is reported once, and the warm-up runs once).  It holds no reference to the
+    model: every call takes it."""
+
+    def __init__(self, name: str, device, log=None):
+        self.posterior = fallback(_posterior, f"q(z|x) of {name}", device, log,
+                                  new_step=True)
+        self.chunk = fallback(_log_weights_chunk,
+                              f"the IWAE log-weights of {name}", device, log)
+
+    def log_weights(self, model, x: torch.Tensor, samples: int,
+                    max_batch_samples: int = 512) -> torch.Tensor:
+        """:func:`gpvae.evaluation.log_weights` (same chunks, same draws), compiled."""
+        q = self.posterior(model, x)
+        per_chunk = max(1, max_batch_samples // x.shape[0])
+        out = []
+        for start in range(0, samples, per_chunk):
+            out.append(self.chunk(model, q, x, min(per_chunk, samples - start)))
+        return torch.cat(out, 0)
+
+
+_RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def inference_runner(model, option, device=None, log=None) -> CompiledInference | None:
+    """The model's :class:`CompiledInference` when ``--compile option`` compiles on
+    ``device`` (default: the model's), else None (eager)."""
+    from .devices import model_device_dtype
+
+    device = torch.device(device) if device is not None else model_device_dtype(model)[0]
+    if not compile_enabled(option, device):
+        return None
+    key = (device.type, device.index)
+    runners = _RUNNERS.setdefault(model, {})
+    if key not in runners:
+        runners[key] = CompiledInference(type(model).__name__, device, log)
+    return runners[key]
+
+
+def posterior_pass_function(model, device, log=None) -> Callable:
+    """x -> ``model.compute_posterior(x)`` (without gradients, as
+    :func:`gpvae.bench.time_posterior` runs it), compiled: one CUDA-graph generation per call."""
+    def _compute_posterior_of_model(x):
+        return _compute_posterior(model, x)
+
+    return fallback(_compute_posterior_of_model, f"q(z|x) of {type(model).__name__}", device,
+                    log, new_step=True)
+
+
+# --- the training step ---------------------------------------------------------------------
+def _training_loss(model, x, n_train: int):
+    objective, diag = model.training_objective(x, n_train)
+    return -upcast(objective).mean(), diag
+
+
+class TrainingStep:
+    """One training step's forward and backward pass: ``step(x)`` zeroes the gradients,
+    computes ``loss = -mean(model.training_objective(x, n_train))`` (the objective under
+    ``precision``'s autocast, :func:`gpvae.precision.autocast_context`; the mean in float32),
+    runs ``loss.backward()`` and returns ``(loss, diagnostics)`` -- compiled when
+    ``enabled`` (see the module docstring), else exactly the eager code.  The caller checks
+    the loss and gradients and steps the optimizer."""
+
+    def __init__(self, model, optimizer, n_train: int, enabled: bool, device=None, log=None,
+                 precision: str = "fp32"):
+        from .devices import model_device_dtype
+
+        self.model, self.optimizer, self.n_train = model, optimizer, n_train
+        self.device = torch.device(device) if device is not None else model_device_dtype(model)[0]
+        self.precision = precision
+        self.runner = None
+        if enabled and not model.packable():
+            (log or warn)(f"note: --compile: the training step of {type(model).__name__} "
+                          "cannot be one graph (autograd or Python control flow inside "
+                          "it) and runs eagerly")
+        elif enabled:
+            self.runner = fallback(_training_loss, f"the training step of "
+                                   f"{type(model).__name__}", self.device, log, new_step=True,
+                                   wrap=self._with_backward)
+
+    def _with_backward(self, forward: Callable) -> Callable:
+        def step(model, x, n_train):
+            self.optimizer.zero_grad(set_to_none=True)
+            with autocast_context(self.precision, self.device):
+                loss, diag = forward(model, x, n_train)
+            loss.backward()
+            return loss, diag
+        return step
+
+    def __call__(self, x: torch.Tensor):
+        if self.runner is not None:
+            return self.runner(self.model, x, self.n_train)
+        with autocast_context(self.precision, self.device):
+            objective, diag = self.model.training_objective(x, self.n_train)
+        loss = -upcast(objective).mean()  # float32 (or wider), outside autocast
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss, diag
