@@ -178,6 +178,7 @@ if [ "${OPTIONS:-0}" = 1 ]; then
     step "84-bench-inference-$P" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models vae,gpvae --precision "$P" --device "$DEV" --repeats 5 --json
     step "85-bench-train-$P" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train --latent-dim 50 --models vae,gpvae --precision "$P" --device "$DEV" --steps 10 --repeats 5 --json
   done
+  step "86-bench-iwae-bf16" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-iwae --model vae --images 5000 --precision bf16 --device "$DEV" --json
   echo
   echo "gpu_check: $(( $(date +%s) - START )) s in all; device $DEV; files in $OUT_DIR"
   "$PY" scripts/gpu_check.py summary "$WORK/steps.tsv" --out-dir "$OUT_DIR"

@@ -80,7 +80,8 @@ def test_options_mode_runs_only_the_execution_option_steps(tmp_path):
     assert sorted(names) == ["00-env", "80-compile-check", "81-bench-inference-compile",
                              "82-bench-train-compile", "83-bench-iwae-compile",
                              "84-bench-inference-bf16", "84-bench-inference-tf32",
-                             "85-bench-train-bf16", "85-bench-train-tf32"]
+                             "85-bench-train-bf16", "85-bench-train-tf32",
+                             "86-bench-iwae-bf16"]
 
 
 def test_summary_reads_each_steps_json(tmp_path):

@@ -381,3 +381,20 @@ def test_bench_train_and_inference_take_the_precision(capsys, monkeypatch):
             assert json.loads(capsys.readouterr().out)["precision"] == precision
             # the warm-up and the timed round (the FLOP count after them runs as it is)
             assert autocast[:2] == [precision == "bf16"] * 2 and True not in autocast[2:]
+
+
+def test_bench_iwae_runs_estimator_and_baseline_in_the_precision(monkeypatch):
+    """bench-iwae's estimator and its unchanged-code baseline both get --precision."""
+    from types import SimpleNamespace
+
+    from gpvae import bench
+
+    seen = []
+    real = bench.estimate
+    monkeypatch.setattr(bench, "estimate", lambda *a, **kw: seen.append(kw.get("precision"))
+                        or real(*a, **kw))
+    args = SimpleNamespace(device="cpu", images=2, model="vae", latent_dim=2, iwae_samples=2,
+                           batch_size=2, max_batch_samples=4, repeats=1, json=True,
+                           compile="off", precision="bf16")
+    out = bench.bench_iwae(args)
+    assert out["precision"] == "bf16" and seen and set(seen) == {"bf16"}

@@ -84,10 +84,12 @@ def bench_iwae(args) -> dict:
     compile_mode = check_compile_option(getattr(args, "compile", "off"), BENCH_COMPILE_CHOICES)
     both = compile_mode == "both"  # the estimator eager, and compiled, timed interleaved
 
+    precision = check_precision(getattr(args, "precision", "fp32"), device)
+
     def ours(compile="off" if both else compile_mode):
         return estimate(model, test, samples=k, batch_size=args.batch_size, device=device,
                         max_batch_samples=args.max_batch_samples, progress=False,
-                        compile=compile)
+                        compile=compile, precision=precision)
 
     # the unchanged code: the same model decoding as before the decoder's speed-ups
     # (networks.set_plain_decoding), timed interleaved with ours in this run
@@ -95,7 +97,8 @@ def bench_iwae(args) -> dict:
 
     def baseline():
         return estimate(base_model, test, samples=k, batch_size=args.batch_size, device=device,
-                        max_batch_samples=args.max_batch_samples, progress=False)
+                        max_batch_samples=args.max_batch_samples, progress=False,
+                        precision=precision)
 
     ref_n = min(n, 100)
     ref_data = type(test)(test.images[:ref_n])
@@ -135,7 +138,7 @@ def bench_iwae(args) -> dict:
         "images_per_s": n / t_ours, "reference_images_per_s": ref_n / t_ref,
         "speedup_vs_reference": (n / t_ours) / (ref_n / t_ref),
         "gflop_per_image": flops / 1e9, "achieved_gflop_per_s": flops * n / t_ours / 1e9,
-        "compile": compile_mode,
+        "compile": compile_mode, "precision": precision,
     }
     if both:
         result.update(compiled_images_per_s=n / t_compiled, compile_speedup=t_ours / t_compiled)

@@ -270,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="z samples decoded per call (default 512)")
     p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help=PRECISION_HELP + " (default fp32; the estimator and the baseline both "
+                   "run in it)")
     p.add_argument("--compile", choices=BENCH_COMPILE_CHOICES, default="off",
                    help=COMPILE_HELP + "; both: the estimator eager and compiled, timed side "
                    "by side in this run")
