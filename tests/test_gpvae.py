@@ -693,3 +693,19 @@ def test_fused_trunks_under_vmap():
         want = Features(m)(x[r])
         for a, b in zip(packed, want):
             torch.testing.assert_close(a[r], b, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_trunks_is_a_base_class_capability():
+    """--fused-trunks asks the model (supports_fused_trunks / fuse_trunks on the base
+    class), not its type: the GPVAE (and the CMVAE, its subclass) fuse; every other method
+    accepts 'off' and refuses 'on' with a one-line UnsupportedError."""
+    from gpvae.errors import UnsupportedError
+
+    fusing = {name for name, cls in MODELS.items() if cls.supports_fused_trunks()}
+    assert fusing == {"gpvae"}
+    vae = VAE(VAEConfig(latent_dim=2), (1, 28, 28))
+    assert vae.fuse_trunks(False) is vae
+    with pytest.raises(UnsupportedError, match="no encoder networks to fuse"):
+        vae.fuse_trunks(True)
+    gp = GPVAE(GPVAEConfig(latent_dim=2), (1, 28, 28))
+    assert gp.fuse_trunks(True) is gp and gp.fused_trunks

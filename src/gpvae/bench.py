@@ -231,16 +231,14 @@ def _variant_models(name: str, model, variants) -> list[tuple[str, str, object, 
     first row runs ``model`` itself, the others copies (the same weights); fused trunks
     only for a model that has trunks to fuse (the GPVAE), which gets no ``+fused`` row
     otherwise."""
-    from .models.gpvae import GPVAE
-
+    can_fuse = model.supports_fused_trunks()
     rows = []
     for suffix, compile_suffix, compiled, fused in variants:
-        if fused and not isinstance(model, GPVAE) and "+fused" in suffix:
+        if fused and not can_fuse and "+fused" in suffix:
             continue
         m = copy.deepcopy(model) if rows else model
-        fused = fused and isinstance(m, GPVAE)
-        if isinstance(m, GPVAE):
-            m.fuse_trunks(fused)
+        fused = fused and can_fuse
+        m.fuse_trunks(fused)
         rows.append((name + suffix, "vae" + compile_suffix, m, compiled, fused))
     return rows
 

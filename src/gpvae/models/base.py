@@ -196,6 +196,15 @@ class LatentVariableModel(nn.Module):
         raise UnsupportedError(f"{type(self).__name__} has no exportable Gaussian encoder "
                                "x -> (mean, variance)")
 
+    def fuse_trunks(self, enabled: bool = True) -> "LatentVariableModel":
+        """Run the method's several encoder networks as one fused network (an execution
+        choice: same values and parameters; :meth:`supports_fused_trunks`).  Returns the
+        model.  Default: nothing to fuse -- ``enabled`` False is accepted, True refused."""
+        if enabled:
+            raise UnsupportedError(f"{type(self).__name__} has no encoder networks to fuse "
+                                   "(only the GPVAE runs several trunks on x)")
+        return self
+
     def epoch_summary(self) -> dict[str, float]:
         """Scalar summaries of this model's current state, {name: value}, that the trainer
         appends to each epoch's metrics row (``metrics.csv``, TensorBoard) after the epoch's
@@ -224,6 +233,12 @@ class LatentVariableModel(nn.Module):
     def supports_fused_encoder(cls) -> bool:
         """Whether the class defines :meth:`fused_encoder` (``gpvae export``)."""
         return cls.fused_encoder is not LatentVariableModel.fused_encoder
+
+    @classmethod
+    def supports_fused_trunks(cls) -> bool:
+        """Whether the class defines :meth:`fuse_trunks` (``--fused-trunks`` in the
+        benchmarks)."""
+        return cls.fuse_trunks is not LatentVariableModel.fuse_trunks
 
     @classmethod
     def packable(cls) -> bool:
