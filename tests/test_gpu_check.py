@@ -37,10 +37,9 @@ def test_the_script_parses_and_documents_the_device_command():
     assert r.returncode == 2 and "unknown argument --bogus" in r.stderr
 
 
-def test_a_hanging_step_is_stopped_and_the_rest_reported(tmp_path):
-    """A Python that hangs on every gpvae command: the first step is stopped at what is
-    left of a 6 s budget (TIMEOUT), every later one is skipped, the summary says so, exits
-    1, and the 3 files (no agreement.json: its step never ran) are in $OUT."""
+def _run_with_a_hanging_python(tmp_path, *args):
+    """gpu_check.sh ``args`` on CPU with a 6 s budget and a Python that hangs on every gpvae
+    command (gpu_check.py and the import probe run for real): (the finished process, $OUT)."""
     fake = tmp_path / "python"
     fake.write_text(f"#!/bin/bash\ncase \"$*\" in *gpu_check.py*|*'import pyro'*) "
                     f"exec {sys.executable} \"$@\";; *) sleep 60;; esac\n")
@@ -48,8 +47,16 @@ def test_a_hanging_step_is_stopped_and_the_rest_reported(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, GPU_CHECK_PYTHON=str(fake), GPU_CHECK_DEVICE="cpu",
                GPU_CHECK_BUDGET_S="6", OUT=str(out), OMP_NUM_THREADS="1")
-    r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
-                       timeout=120, cwd=tmp_path)
+    r = subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+    return r, out
+
+
+def test_a_hanging_step_is_stopped_and_the_rest_reported(tmp_path):
+    """A Python that hangs on every gpvae command: the first step is stopped at what is
+    left of a 6 s budget (TIMEOUT), every later one is skipped, the summary says so, exits
+    1, and the 3 files (no agreement.json: its step never ran) are in $OUT."""
+    r, out = _run_with_a_hanging_python(tmp_path)
     assert r.returncode == 1, r.stderr
     summary = (out / "summary.md").read_text()
     rows = [ln for ln in summary.splitlines() if ln.startswith("| ")][1:]
@@ -65,15 +72,7 @@ def test_a_hanging_step_is_stopped_and_the_rest_reported(tmp_path):
 def test_options_mode_runs_only_the_execution_option_steps(tmp_path):
     """--options (a second device call): the environment, then the compile check and the
     compile / fused / precision benchmarks -- not the CLI lanes, agreement or section 4."""
-    fake = tmp_path / "python"
-    fake.write_text(f"#!/bin/bash\ncase \"$*\" in *gpu_check.py*|*'import pyro'*) "
-                    f"exec {sys.executable} \"$@\";; *) sleep 60;; esac\n")
-    fake.chmod(0o755)
-    out = tmp_path / "out"
-    env = dict(os.environ, GPU_CHECK_PYTHON=str(fake), GPU_CHECK_DEVICE="cpu",
-               GPU_CHECK_BUDGET_S="6", OUT=str(out), OMP_NUM_THREADS="1")
-    r = subprocess.run(["bash", str(SCRIPT), "--options"], env=env, capture_output=True,
-                       text=True, timeout=120, cwd=tmp_path)
+    r, out = _run_with_a_hanging_python(tmp_path, "--options")
     assert r.returncode == 1, r.stderr
     summary = (out / "summary.md").read_text()
     names = [ln.split("|")[1].strip() for ln in summary.splitlines() if ln.startswith("| ")][1:]

@@ -243,6 +243,13 @@ def _variant_models(name: str, model, variants) -> list[tuple[str, str, object, 
     return rows
 
 
+def _warm_up(fn, compiled: bool) -> None:
+    """The untimed calls before timing: one, or for a compiled row two (compilation, then
+    the CUDA-graph recording)."""
+    for _ in range(2 if compiled else 1):
+        fn()
+
+
 def _print_fallbacks(results: dict) -> None:
     """A line per compiled row that ran eagerly after all (its compilation fell back)."""
     for name, r in results.items():
@@ -313,7 +320,7 @@ def bench_inference(args) -> dict:
     specs = _with_vae(parse_model_list(args.models))
     names = list(specs)
     batches = _test_batches(args.dataset, args.data_dir, args.batch_size, args.limit_test, device)
-    models, passes, refs, compiled_rows, fused_rows, units = {}, {}, {}, set(), set(), {}
+    models, passes, refs, modes, units = {}, {}, {}, {}, {}
     variants = _variants(args, device)
     for name, (method, options) in specs.items():
         torch.manual_seed(0)
@@ -326,12 +333,8 @@ def bench_inference(args) -> dict:
             one_pass = _posterior_pass(m, batches, compiled)
             units[row] = one_pass.unit
             passes[row] = _in_precision(one_pass, args, device)
-            for _ in range(2 if compiled else 1):  # warm-up (compiled: and CUDA-graph records)
-                passes[row]()
-            if compiled:
-                compiled_rows.add(row)
-            if fused:
-                fused_rows.add(row)
+            modes[row] = (compiled, fused)
+            _warm_up(passes[row], compiled)
     names = list(passes)
     times = {name: [] for name in names}
     for _ in range(args.repeats):
@@ -347,9 +350,8 @@ def bench_inference(args) -> dict:
         r["ratio_to_vae"] = r["ms_per_batch"] / vae["ms_per_batch"]
         r["flop_ratio_to_vae"] = _ratio(r["flops_per_image"], vae["flops_per_image"])
         r["gflops_per_s"] = r["flops_per_image"] * args.batch_size / r["ms_per_batch"] / 1e6
-        r["compiled"] = name in compiled_rows
+        r["compiled"], r["fused_trunks"] = modes[name]
         r["compile_fallback"] = units[name].failure if units[name] else None
-        r["fused_trunks"] = name in fused_rows
     out = {"device": str(device), "threads": torch.get_num_threads(), "dataset": args.dataset,
            "decoder": args.decoder, "precision": getattr(args, "precision", "fp32"),
            "latent_dim": args.latent_dim, "batch_size": args.batch_size,
@@ -418,7 +420,7 @@ def bench_train(args) -> dict:
         run.unit = None
         return run
 
-    runs, models, refs, compiled_rows, fused_rows, units = {}, {}, {}, set(), set(), {}
+    runs, models, refs, modes, units = {}, {}, {}, {}, {}
     variants = _variants(args, device)
     for name, (method, options) in specs.items():
         torch.manual_seed(0)
@@ -430,12 +432,8 @@ def bench_train(args) -> dict:
             models[row], refs[row] = m, ref
             runs[row] = make_steps(m, make_adam(m.parameters(), lr=5e-4), compiled)
             units[row] = runs[row].unit
-            for _ in range(2 if compiled else 1):  # warm-up (compiled: and CUDA-graph records)
-                runs[row]()
-            if compiled:
-                compiled_rows.add(row)
-            if fused:
-                fused_rows.add(row)
+            modes[row] = (compiled, fused)
+            _warm_up(runs[row], compiled)
     names = list(runs)
     best = {name: math.inf for name in names}
     for _ in range(args.repeats):
@@ -447,9 +445,9 @@ def bench_train(args) -> dict:
         vae = results[refs[name]]  # the VAE run the same way (eager or compiled)
         r["ratio_to_vae"] = r["ms_per_step"] / vae["ms_per_step"]
         r["flop_ratio_to_vae"] = _ratio(r["flops_per_image"], vae["flops_per_image"])
-        r["compiled"], r["fused_trunks"] = name in compiled_rows, name in fused_rows
+        r["compiled"], r["fused_trunks"] = modes[name]
         r["compile_fallback"] = (units[name].failure if units[name] else
-                                 "cannot be one graph" if name in compiled_rows else None)
+                                 "cannot be one graph" if r["compiled"] else None)
     out = {"device": str(device), "threads": torch.get_num_threads(), "dataset": args.dataset,
            "precision": getattr(args, "precision", "fp32"),
            "latent_dim": args.latent_dim, "batch_size": args.batch_size,

@@ -47,11 +47,14 @@ def linear_kernel(*tensors: torch.Tensor):
     return _onednn_linear
 
 
+_IS_WRAPPED = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+
+
 def _functorch_wrapped(t: torch.Tensor) -> bool:
     """Inside torch.func transforms (vmap, grad: packed training) the tensors are wrappers
-    whose ``requires_grad`` does not say whether a gradient is being taken: never oneDNN."""
-    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return True if check is None else bool(check(t))
+    whose ``requires_grad`` does not say whether a gradient is being taken: never oneDNN
+    (and never where this torch cannot tell)."""
+    return True if _IS_WRAPPED is None else bool(_IS_WRAPPED(t))
 
 
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor,
