@@ -469,6 +469,32 @@ def cmd_summary(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_synthetic_cifar(args) -> int:
+    """Random CIFAR-10-shaped images in the standard files (cifar-10-batches-py: the five
+    training batches and test_batch, the pickled dicts of cifar-10-python.tar.gz), so the
+    benchmarks can time CIFAR-shaped inputs (3 x 32 x 32) where the real files are absent.
+    Timings of freshly initialised models do not depend on the pixels."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(args.seed)
+    folder = Path(args.out) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def batch(n: int, label: bytes) -> bytes:
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        return pickle.dumps({b"batch_label": label, b"labels": [0] * n, b"data": data,
+                             b"filenames": [b"x.png"] * n}, protocol=2)
+
+    per = max(1, args.train // 5)
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}").write_bytes(batch(per, b"training batch %d of 5" % i))
+    (folder / "test_batch").write_bytes(batch(args.test, b"testing batch 1 of 1"))
+    print(f"synthetic CIFAR-10 files in {folder}: {5 * per} training, {args.test} test images")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -493,12 +519,17 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="training steps compared")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--synthetic", action="store_true", help="random images, no MNIST")
+    p = sub.add_parser("synthetic-cifar", help="random images in CIFAR-10's files (for timing)")
+    p.add_argument("out", help="the data directory to write cifar-10-batches-py/ into")
+    p.add_argument("--train", type=int, default=640)
+    p.add_argument("--test", type=int, default=1280)
+    p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("summary", help="the summary table of a gpu_check.sh run")
     p.add_argument("steps", help="the steps file (name, rc, seconds, limit, stdout file)")
     p.add_argument("--out-dir", help="write summary.md, gpu_check.log and bench.jsonl here")
     args = parser.parse_args(argv)
-    return {"agreement": cmd_agreement, "compile": cmd_compile,
-            "summary": cmd_summary}[args.command](args)
+    return {"agreement": cmd_agreement, "compile": cmd_compile, "summary": cmd_summary,
+            "synthetic-cifar": cmd_synthetic_cifar}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -44,9 +44,10 @@
 #   --quick               tiny sizes everywhere (for a CPU try: GPU_CHECK_DEVICE=cpu)
 #   --options             instead of sections 2-4: the execution options of issue 11 on the GPU
 #                         -- compiled vs eager (scripts/gpu_check.py compile: same numbers,
-#                         what fell back), bench-inference / bench-train / bench-iwae with
-#                         --compile both and --fused-trunks both, and with --precision tf32
-#                         and bf16 -- for a second call of the device tool after the first
+#                         what fell back), bench-inference / bench-train (MNIST and
+#                         CIFAR-shaped: random images in CIFAR-10's files) / bench-iwae with
+#                         --compile both and --fused-trunks both, with --precision tf32 and
+#                         bf16, and a torch.profiler table of the fused GPVAE's q(z|x)
 #                         (default budget 300 s; run it with timeout_s 360)
 #   --fetch-wheels        download the wheels into .gpu_wheels/ (here, with network) and exit
 #   GPU_CHECK_DEVICE      cuda (default) or cpu
@@ -170,15 +171,22 @@ print('gpvae from', gpvae.__file__, '| pyro', pyro.__version__)
 
 # --- --options: compiled / fused / precision on the GPU (issue 11, items 2, 3) ---------------
 if [ "${OPTIONS:-0}" = 1 ]; then
+  # most wanted first: the issue's targets (MNIST and CIFAR-shaped q(z|x), training step,
+  # IWAE), then the precision rows, then a profile of where the GPVAE's time goes
+  "$PY" scripts/gpu_check.py synthetic-cifar "$WORK/cifar" > /dev/null
+  CIFAR=(--dataset cifar10 --data-dir "$WORK/cifar")
   step "80-compile-check" "$BENCH_LIMIT" "$DEADLINE" "$PY" scripts/gpu_check.py compile --device "$DEV" --models vae,gpvae,gpvae+fused --latent-dim 50 --images 128 --iwae-samples 20
   step "81-bench-inference-compile" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models vae,gpvae --compile both --fused-trunks both --device "$DEV" --repeats 5 --json
   step "82-bench-train-compile" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train --latent-dim 50 --models vae,gpvae --compile both --fused-trunks both --device "$DEV" --steps 10 --repeats 5 --json
   step "83-bench-iwae-compile" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-iwae --model vae --images 5000 --compile both --device "$DEV" --json
-  for P in tf32 bf16; do
-    step "84-bench-inference-$P" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models vae,gpvae --precision "$P" --device "$DEV" --repeats 5 --json
-    step "85-bench-train-$P" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train --latent-dim 50 --models vae,gpvae --precision "$P" --device "$DEV" --steps 10 --repeats 5 --json
-  done
+  step "84-bench-inference-cifar-compile" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference "${CIFAR[@]}" --latent-dim 50 --models vae,gpvae --compile both --fused-trunks both --device "$DEV" --repeats 5 --json
+  step "85-bench-train-cifar-compile" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train "${CIFAR[@]}" --latent-dim 50 --models vae,gpvae --compile both --fused-trunks both --device "$DEV" --steps 10 --repeats 5 --json
   step "86-bench-iwae-bf16" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-iwae --model vae --images 5000 --precision bf16 --device "$DEV" --json
+  for P in tf32 bf16; do
+    step "87-bench-inference-$P" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models vae,gpvae --precision "$P" --device "$DEV" --repeats 5 --json
+    step "88-bench-train-$P" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train --latent-dim 50 --models vae,gpvae --precision "$P" --device "$DEV" --steps 10 --repeats 5 --json
+  done
+  step "89-profile-fused" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models vae,gpvae --fused-trunks on --device "$DEV" --repeats 2 --limit-test 1280 --profile
   echo
   echo "gpu_check: $(( $(date +%s) - START )) s in all; device $DEV; files in $OUT_DIR"
   "$PY" scripts/gpu_check.py summary "$WORK/steps.tsv" --out-dir "$OUT_DIR"

@@ -78,9 +78,10 @@ def test_options_mode_runs_only_the_execution_option_steps(tmp_path):
     names = [ln.split("|")[1].strip() for ln in summary.splitlines() if ln.startswith("| ")][1:]
     assert sorted(names) == ["00-env", "80-compile-check", "81-bench-inference-compile",
                              "82-bench-train-compile", "83-bench-iwae-compile",
-                             "84-bench-inference-bf16", "84-bench-inference-tf32",
-                             "85-bench-train-bf16", "85-bench-train-tf32",
-                             "86-bench-iwae-bf16"]
+                             "84-bench-inference-cifar-compile",
+                             "85-bench-train-cifar-compile", "86-bench-iwae-bf16",
+                             "87-bench-inference-bf16", "87-bench-inference-tf32",
+                             "88-bench-train-bf16", "88-bench-train-tf32", "89-profile-fused"]
 
 
 def test_summary_reads_each_steps_json(tmp_path):
