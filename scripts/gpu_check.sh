@@ -51,7 +51,7 @@
 #                         (default budget 300 s; run it with timeout_s 360)
 #   --fetch-wheels        download the wheels into .gpu_wheels/ (here, with network) and exit
 #   GPU_CHECK_DEVICE      cuda (default) or cpu
-#   GPU_CHECK_BUDGET_S    overall deadline in seconds (default 225; --quick: 1800)
+#   GPU_CHECK_BUDGET_S    overall deadline in seconds (default 235; --quick: 1800)
 #   GPU_CHECK_PYTHON      the interpreter (default: python3 if it has torch, else .venv/bin/python)
 #   GPU_CHECK_WORK        scratch folder (default: a new temporary folder, removed at the end)
 set -uo pipefail
@@ -110,7 +110,7 @@ elif [ "${OPTIONS:-0}" = 1 ]; then
   BUDGET="${GPU_CHECK_BUDGET_S:-300}"; SMOKE_BUDGET=0
   N_TRAIN=400; N_TEST=100; K=20; SMALL_LIMIT=90; BENCH_LIMIT=120
 else
-  BUDGET="${GPU_CHECK_BUDGET_S:-225}"; SMOKE_BUDGET=75
+  BUDGET="${GPU_CHECK_BUDGET_S:-235}"; SMOKE_BUDGET=95
   N_TRAIN=400; N_TEST=100; K=20; SMALL_LIMIT=60; BENCH_LIMIT=60
 fi
 DEADLINE=$(( START + BUDGET ))

@@ -108,6 +108,14 @@ def test_summary_reads_each_steps_json(tmp_path):
     assert [json.loads(ln)["step"] for ln in lines] == ["71-bench-train", "72-bench-iwae-vae"]
 
 
+def test_the_tf32_pass_allows_refining_methods_more_and_the_fp32_pass_none():
+    g = _load()
+    assert g._tolerance("vae", "default") == g._tolerance("gpvae", "default") == g.TOL_DEFAULT
+    assert g._tolerance("sa:2", "default") == g._tolerance("vlae:1", "default") \
+        == g.TOL_DEFAULT_REFINED > g.TOL_DEFAULT
+    assert all(g._tolerance(m, "fp32") == g.TOL_FP32 for m in ("vae", "sa:2", "vlae:1"))
+
+
 def test_relative_error_by_hand():
     a, b = torch.tensor([1.0, -4.0]), torch.tensor([1.5, -5.0])
     assert gpu_check.rel_error(a, b) == pytest.approx(1.0 / 4)  # max |a - b| / max |a|

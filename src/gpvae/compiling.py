@@ -9,9 +9,11 @@ shape, wrapped in a :class:`Fallback`:
 * q(z|x): ``model.posterior`` (IWAE evaluation, :class:`CompiledInference`) or
   ``model.compute_posterior`` (what ``gpvae bench-inference`` times,
   :func:`posterior_pass_function`);
-* the IWAE loop's per-chunk work: k samples z ~ q(z|x), the decoder and the log-weights
-  log p(x|z) + log p(z) - log q(z|x) (:class:`CompiledInference`, used by
-  :func:`gpvae.evaluation.estimate`); q(z|x) is computed once per batch, then the chunks;
+* the IWAE loop's per-chunk work: the decoder and the log-weights
+  log p(x|z) + log p(z) - log q(z|x) of k samples z ~ q(z|x) (:class:`CompiledInference`,
+  used by :func:`gpvae.evaluation.estimate`); q(z|x) is computed once per batch, then the
+  chunks; the samples themselves are drawn eagerly, outside the graph (a sampler may
+  synchronize with the host, which a CUDA graph cannot capture);
 * the training step's forward pass, ``-mean(training_objective(x, N))`` (eq. 2, or the
   method's own objective such as the GPVAE's eq. 15), with its backward pass compiled by
   AOTAutograd (:class:`TrainingStep`); the gradient check and the optimizer step (fused
@@ -228,8 +230,12 @@ def _compute_posterior(model, x):
     return without_grad(model, model.compute_posterior, x)
 
 
-def _log_weights_chunk(model, q, x, k: int):
-    z = q.sample((k,))
+def _log_weights_chunk(model, q, x, z):
+    """log p(x|z) + log p(z) - log q(z|x) for the chunk's draws z (k, B, d).  The draws are
+    made outside the compiled graph (:meth:`CompiledInference.log_weights`): a method's
+    sampler may synchronize with the host -- ``torch.normal(mean, std)`` checks std >= 0
+    there, which a CUDA graph cannot capture (``cudaErrorStreamCaptureUnsupported``, seen on
+    an H100) -- and drawn eagerly they are exactly the eager path's draws."""
     return model.log_likelihood(x, z) + model.log_prior(z) - q.log_prob(z)
 
 
@@ -252,7 +258,8 @@ class CompiledInference:
         per_chunk = max(1, max_batch_samples // x.shape[0])
         out = []
         for start in range(0, samples, per_chunk):
-            out.append(self.chunk(model, q, x, min(per_chunk, samples - start)))
+            z = q.sample((min(per_chunk, samples - start),))  # eagerly: see _log_weights_chunk
+            out.append(self.chunk(model, q, x, z))
         return torch.cat(out, 0)
 
 
