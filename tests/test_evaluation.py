@@ -135,6 +135,28 @@ def test_chunking_does_not_change_the_result():
     assert log_weights(model, x, 13, max_batch_samples=20).shape == (13, 10)
 
 
+def test_the_default_chunk_is_small_on_a_cpu_and_large_on_cuda(monkeypatch):
+    """Unless told, estimate decodes 512 z's per call on a CPU (unchanged) and, on CUDA,
+    10,000 for a 28 x 28 image, proportionally fewer for larger images (never below 512)."""
+    from gpvae import evaluation
+
+    d = evaluation.default_max_batch_samples
+    assert d("cpu", (1, 28, 28)) == d("cpu", (3, 64, 64)) == 512
+    assert d("cuda", (1, 28, 28)) == 10_000
+    assert d("cuda", (3, 32, 32)) == 10_000 * 784 // 3072 == 2552
+    assert d("cuda", (3, 64, 64)) == 638 and d(torch.device("cuda:1"), (3, 256, 256)) == 512
+    seen = []
+    real = evaluation.log_weights
+    monkeypatch.setattr(evaluation, "log_weights",
+                        lambda m, x, k, chunk: seen.append(chunk) or real(m, x, k, chunk))
+    model = LinearGaussian()
+    estimate(model, Data(sample_data(model, n=4)), samples=3, progress=False)
+    assert seen == [512]
+    with pytest.raises(Exception, match="--max-batch-samples must be >= 1"):
+        estimate(model, Data(sample_data(model, n=4)), samples=3, progress=False,
+                 max_batch_samples=0)
+
+
 def test_summary_has_the_documented_keys():
     model = LinearGaussian()
     s = estimate(model, Data(sample_data(model, n=20)), samples=3, progress=False).summary()

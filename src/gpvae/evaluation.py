@@ -59,6 +59,25 @@ class Estimates:
         }
 
 
+#: z's decoded per call by default on a CPU (small chunks stay in the caches)
+CPU_MAX_BATCH_SAMPLES = 512
+#: z's decoded per call by default on CUDA for a 28 x 28 image (MNIST, OMNIGLOT); larger
+#: images get proportionally fewer, so the activations of a call stay about this size
+#: (about 0.5 GB per layer of the Tab. 6 decoder).  Big calls keep a GPU busy: measured
+#: against 512 in docs/benchmarks.md ("On a GPU")
+CUDA_MAX_BATCH_SAMPLES = 10_000
+
+
+def default_max_batch_samples(device, image_shape) -> int:
+    """How many z's :func:`estimate` decodes per call when not told:
+    :data:`CPU_MAX_BATCH_SAMPLES` on a CPU; on CUDA :data:`CUDA_MAX_BATCH_SAMPLES` for a
+    28 x 28 image, scaled down by the image's size (never below the CPU's)."""
+    if torch.device(device).type != "cuda":
+        return CPU_MAX_BATCH_SAMPLES
+    pixels = math.prod(image_shape)
+    return max(CPU_MAX_BATCH_SAMPLES, CUDA_MAX_BATCH_SAMPLES * 784 // pixels)
+
+
 def log_weights(model, x: torch.Tensor, samples: int, max_batch_samples: int = 512) -> torch.Tensor:
     """log w (K, B) for a batch x, decoding at most ``max_batch_samples`` z's at a time.
     Without gradients (call it under ``torch.inference_mode`` or ``no_grad``)."""
@@ -79,7 +98,7 @@ def estimate(
     batch_size: int = 100,
     device: str | torch.device = "cpu",
     seed: int = 0,
-    max_batch_samples: int = 512,
+    max_batch_samples: int | None = None,
     progress: bool = True,
     desc: str = "IWAE",
     precision: str = "fp32",
@@ -94,6 +113,8 @@ def estimate(
     or bf16 for computing the log weights (module docstring).  ``compile``: ``--compile``
     off, on or auto (:mod:`gpvae.compiling`: q(z|x) and each chunk's log weights as
     compiled graphs, the same draws, the same numbers up to float rounding).
+    ``max_batch_samples``: z's decoded per call (default :func:`default_max_batch_samples`;
+    the chunking decides which random numbers each image gets, not the estimator).
     """
     if samples < 1:
         raise ConfigError(f"--iwae-samples must be >= 1, got {samples}")
@@ -106,6 +127,10 @@ def estimate(
     from .compiling import inference_runner
 
     runner = inference_runner(model, compile, device)
+    if max_batch_samples is None:
+        max_batch_samples = default_max_batch_samples(device, data.batch(slice(0, 1)).shape[1:])
+    elif max_batch_samples < 1:
+        raise ConfigError(f"--max-batch-samples must be >= 1, got {max_batch_samples}")
     was_training = model.training
     model.eval()
     n = len(data)
