@@ -242,9 +242,13 @@ TOL_COMPILE = 1e-4
 def compile_model(spec: str, x: torch.Tensor, device, *, latent_dim: int = 10,
                   samples: int = 10, steps: int = 3, seed: int = 0) -> dict:
     """Method ``spec`` (``NAME[:SIZE]``, ``+fused``: the GPVAE's trunks fused) compiled
-    (:mod:`gpvae.compiling`) against its eager copy on ``device``, same weights and seeds:
-    relative errors of IWAE-K / ELBO and of the parameters after ``steps`` training steps,
-    the units that fell back to eager (their one-line reasons), and the seconds of the
+    (:mod:`gpvae.compiling`) against its eager copy on ``device``, same weights and seeds,
+    under gpvae's fp32 policy (TF32 off on CUDA): relative errors of IWAE-K / ELBO, of the
+    first training step's loss and gradient, and -- reported, not judged -- of the
+    parameters after ``steps`` Adam steps (Adam's first update is lr * sign(gradient) for
+    every element, so an element whose gradient is ~0 moves by +-lr on float rounding alone:
+    7.9e-3 on an H100 with TF32 convolutions), the units that fell back to eager (their
+    one-line reasons), and the seconds of the
     first compiled pass (compilation included) and of a warm one against eager;
     ``cudagraph_skips``: graphs inductor compiled but could not record as CUDA graphs (their
     reasons: rerun with ``TORCH_LOGS=cudagraphs``)."""
@@ -254,6 +258,7 @@ def compile_model(spec: str, x: torch.Tensor, device, *, latent_dim: int = 10,
     from gpvae.data import ImageData
     from gpvae.evaluation import estimate
     from gpvae.models import build_model, parse_model_spec
+    from gpvae.precision import precision_context
     from gpvae.training import make_adam
 
     name, fused = (spec[:-len("+fused")], True) if spec.endswith("+fused") else (spec, False)
@@ -276,29 +281,36 @@ def compile_model(spec: str, x: torch.Tensor, device, *, latent_dim: int = 10,
                        device=device, progress=False, compile=compile)
         return est, time.perf_counter() - t0
 
-    a, t_eager = run(eager, "off")
-    b, t_first = run(model, "on")
-    _, t_warm = run(model, "on")
-    _, t_eager = run(eager, "off")
-    runner = inference_runner(model, "on", device)
-    failed = {unit.what: unit.failure for unit in (runner.posterior, runner.chunk)
-              if unit.failure}
-    xs = x.to(device)
-    for m in (eager, model):
-        m.train()
-        step = TrainingStep(m, make_adam(m.parameters(), 1e-3), 50_000, m is model, device)
-        optimizer = step.optimizer
-        torch.manual_seed(seed + 1)
-        for _ in range(steps):
-            step(xs)
-            optimizer.step()
+    with precision_context("fp32", device):
+        a, t_eager = run(eager, "off")
+        b, t_first = run(model, "on")
+        _, t_warm = run(model, "on")
+        _, t_eager = run(eager, "off")
+        runner = inference_runner(model, "on", device)
+        failed = {unit.what: unit.failure for unit in (runner.posterior, runner.chunk)
+                  if unit.failure}
+        xs = x.to(device)
+        first = {}
+        for m in (eager, model):
+            m.train()
+            step = TrainingStep(m, make_adam(m.parameters(), 1e-3), 50_000, m is model, device)
+            optimizer = step.optimizer
+            torch.manual_seed(seed + 1)
+            for i in range(steps):
+                loss, _ = step(xs)
+                if i == 0:  # the first step's loss and gradient, before any update
+                    first[m is model] = (loss.detach().double().reshape(1), torch.cat(
+                        [p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+                optimizer.step()
     if step.runner is None or step.runner.failure:
         failed["training step"] = step.runner.failure if step.runner else "not compiled"
     params = rel_error(torch.cat([p.flatten() for p in eager.parameters()]),
                        torch.cat([p.flatten() for p in model.parameters()]))
     errors = {"iwae": rel_error(a.iwae, b.iwae), "elbo": rel_error(a.elbo, b.elbo),
-              "params": params}
-    return {"model": spec, **errors, "worst": max(errors.values()), "fell_back": failed,
+              "loss": rel_error(first[False][0], first[True][0]),
+              "gradient": rel_error(first[False][1], first[True][1])}
+    return {"model": spec, **errors, "worst": max(errors.values()), "params_after_adam": params,
+            "fell_back": failed,
             "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips,
             "first_compiled_s": t_first, "warm_compiled_s": t_warm, "eager_s": t_eager}
 
@@ -319,7 +331,9 @@ def cmd_compile(args) -> int:
         row["ok"] = bool(row["worst"] <= TOL_COMPILE and not row["fell_back"])
         rows.append(row)
         print(f"{spec:<12} iwae={row['iwae']:.1e} elbo={row['elbo']:.1e} "
-              f"params={row['params']:.1e} {'ok' if row['ok'] else 'FAIL'}  IWAE pass: "
+              f"loss={row['loss']:.1e} gradient={row['gradient']:.1e} "
+              f"{'ok' if row['ok'] else 'FAIL'} (params after {args.steps} Adam steps: "
+              f"{row['params_after_adam']:.1e}, not judged)  IWAE pass: "
               f"first {row['first_compiled_s']:.1f} s (compiling), warm "
               f"{row['warm_compiled_s']:.3f} s, eager {row['eager_s']:.3f} s; "
               f"{row['cudagraph_skips']} graphs not recorded as CUDA graphs"

@@ -110,7 +110,7 @@ elif [ "${OPTIONS:-0}" = 1 ]; then
   BUDGET="${GPU_CHECK_BUDGET_S:-300}"; SMOKE_BUDGET=0
   N_TRAIN=400; N_TEST=100; K=20; SMALL_LIMIT=90; BENCH_LIMIT=120
 else
-  BUDGET="${GPU_CHECK_BUDGET_S:-235}"; SMOKE_BUDGET=95
+  BUDGET="${GPU_CHECK_BUDGET_S:-235}"; SMOKE_BUDGET=120
   N_TRAIN=400; N_TEST=100; K=20; SMALL_LIMIT=60; BENCH_LIMIT=60
 fi
 DEADLINE=$(( START + BUDGET ))
@@ -181,7 +181,9 @@ if [ "${OPTIONS:-0}" = 1 ]; then
   step "83-bench-iwae-compile" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-iwae --model vae --images 5000 --compile both --device "$DEV" --json
   step "84-bench-inference-cifar-compile" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference "${CIFAR[@]}" --latent-dim 50 --models vae,gpvae --compile both --fused-trunks both --device "$DEV" --repeats 5 --json
   step "85-bench-train-cifar-compile" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train "${CIFAR[@]}" --latent-dim 50 --models vae,gpvae --compile both --fused-trunks both --device "$DEV" --steps 10 --repeats 5 --json
-  step "86-bench-iwae-bf16" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-iwae --model vae --images 5000 --precision bf16 --device "$DEV" --json
+  for P in tf32 bf16; do
+    step "86-bench-iwae-$P" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-iwae --model vae --images 5000 --precision "$P" --compile both --device "$DEV" --json
+  done
   for P in tf32 bf16; do
     step "87-bench-inference-$P" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models vae,gpvae --precision "$P" --device "$DEV" --repeats 5 --json
     step "88-bench-train-$P" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train --latent-dim 50 --models vae,gpvae --precision "$P" --device "$DEV" --steps 10 --repeats 5 --json
@@ -196,10 +198,12 @@ fi
 # --- 2. every CLI command, tiny, in parallel lanes ----------------------------------------
 DATA=(--limit-train "$N_TRAIN" --limit-test "$N_TEST")
 TRAIN=(--epochs 1 --latent-dim 5 --device "$DEV" --no-progress "${DATA[@]}")
-lane_runs() {
-  step "10-train-vae" 90 "$SMOKE_DEADLINE" "${GPVAE[@]}" train --out "$WORK/vae" --model vae "${TRAIN[@]}"
+lane_vae() {
+  step "10-train-vae" 120 "$SMOKE_DEADLINE" "${GPVAE[@]}" train --out "$WORK/vae" --model vae "${TRAIN[@]}"
   step "11-evaluate-vae" 60 "$SMOKE_DEADLINE" "${GPVAE[@]}" evaluate "$WORK/vae" --iwae-samples "$K" --limit-test "$N_TEST" --device "$DEV" --json --no-progress
-  step "12-train-gpvae" 90 "$SMOKE_DEADLINE" "${GPVAE[@]}" train --out "$WORK/gpvae" --model gpvae "${TRAIN[@]}"
+}
+lane_gpvae() {  # train and evaluate with their defaults: on CUDA compiled, trunks fused (auto)
+  step "12-train-gpvae" 120 "$SMOKE_DEADLINE" "${GPVAE[@]}" train --out "$WORK/gpvae" --model gpvae "${TRAIN[@]}"
   step "13-evaluate-gpvae" 60 "$SMOKE_DEADLINE" "${GPVAE[@]}" evaluate "$WORK/gpvae" --iwae-samples "$K" --limit-test "$N_TEST" --device "$DEV" --json --no-progress
   step "14-gap" 60 "$SMOKE_DEADLINE" "${GPVAE[@]}" gap "$WORK/gpvae" --limit 20 --elbo-samples "$K" --iwae-samples "$K" \
     --qstar-steps 20 --qstar-window 10 --csv "$WORK/gap.csv" --device "$DEV" --json --no-progress
@@ -236,7 +240,7 @@ EOF
   step "42-grid-report" 30 "$SMOKE_DEADLINE" "${GPVAE[@]}" grid --out "$WORK/grid" --report
   step "50-bench-quadratic" 30 "$SMOKE_DEADLINE" "${GPVAE[@]}" bench-quadratic --device "$DEV" --repeats 3 --json
 }
-lane_runs & lane_demo & lane_compare & lane_grid &
+lane_vae & lane_gpvae & lane_demo & lane_compare & lane_grid &
 wait
 
 # --- 3. CPU vs device agreement ------------------------------------------------------------

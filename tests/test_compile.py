@@ -268,13 +268,44 @@ def test_compile_option_values():
     assert check_compile_option("both", BENCH_COMPILE_CHOICES) == "both"
 
 
-def test_auto_stays_off_until_measured(monkeypatch):
-    """auto: off everywhere while AUTO_ON_CUDA is False; on CUDA only once it is set."""
-    assert compiling.AUTO_ON_CUDA is False
-    assert not compile_enabled("auto", "cuda") and not compile_enabled("auto", "cpu")
-    monkeypatch.setattr(compiling, "AUTO_ON_CUDA", True)
-    assert compile_enabled("auto", "cuda") and not compile_enabled("auto", "cpu")
-    assert "auto is off everywhere" in compiling.COMPILE_HELP
+def test_auto_compiles_on_cuda_only_the_methods_measured_there():
+    """auto: never on a CPU; on CUDA only for a class that says a GPU run measured the gain
+    (the VAE and the GPVAE), not for the others (e.g. SA, ME) nor without a model."""
+    from gpvae.models import build_model
+
+    vae, gpvae, sa, me = (build_model(m, SHAPE, latent_dim=2) for m in ("vae", "gpvae", "sa",
+                                                                         "me"))
+    assert [type(m).compile_auto_on_cuda for m in (vae, gpvae, sa, me)] == [True, True,
+                                                                           False, False]
+    for m in (vae, gpvae, sa, me):
+        assert not compile_enabled("auto", "cpu", m)
+        assert compile_enabled("on", "cpu", m) and not compile_enabled("off", "cuda", m)
+    assert compile_enabled("auto", "cuda", vae) and compile_enabled("auto", "cuda:1", gpvae)
+    assert not compile_enabled("auto", "cuda", sa) and not compile_enabled("auto", "cuda", me)
+    assert not compile_enabled("auto", "cuda")
+    assert not MODELS["vlae"].compile_auto_on_cuda and not MODELS["rme"].compile_auto_on_cuda
+
+
+def test_fused_trunks_auto_on_cuda_where_there_are_trunks_and_on_refused_without():
+    from gpvae.compiling import apply_fused_trunks, fused_trunks_enabled
+    from gpvae.models import build_model
+
+    vae, gpvae = build_model("vae", SHAPE, latent_dim=2), build_model("gpvae", SHAPE, latent_dim=2)
+    assert fused_trunks_enabled("auto", "cuda", gpvae)
+    assert not fused_trunks_enabled("auto", "cpu", gpvae)
+    assert not fused_trunks_enabled("auto", "cuda", vae)
+    assert fused_trunks_enabled("on", "cpu", gpvae) and not fused_trunks_enabled("off", "cuda", gpvae)
+    with pytest.raises(ConfigError, match="--fused-trunks on: VAE has no encoder trunks"):
+        apply_fused_trunks(vae, "on", "cpu")
+    with pytest.raises(ConfigError, match="--fused-trunks must be one of off, on, auto"):
+        fused_trunks_enabled("both", "cpu", gpvae)
+    x = images(3, dtype=torch.float32)
+    with torch.no_grad():
+        want = gpvae.posterior(x).mean
+        got = apply_fused_trunks(gpvae, "on", "cpu").posterior(x).mean  # the fused network
+        assert gpvae.fused_trunks is True
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert apply_fused_trunks(gpvae, "auto", "cpu").fused_trunks is False  # unfused again
 
 
 def test_a_bad_compile_value_is_a_one_line_error_before_any_work(monkeypatch, capsys,
@@ -373,6 +404,33 @@ def test_train_and_evaluate_compile_and_resume_exactly(tmp_path, monkeypatch, ca
         results.append(json.loads(capsys.readouterr().out))
         assert set(names) == ({"_posterior", "_log_weights_chunk"} if flag == "on" else set())
     assert results[1]["test_iwae"] == pytest.approx(results[0]["test_iwae"], rel=1e-5)
+
+
+def test_train_and_evaluate_pass_fused_trunks_and_refuse_it_without_trunks(tmp_path, monkeypatch,
+                                                                          capsys):
+    """``--fused-trunks`` reaches the model in train and evaluate (auto: unfused on a CPU;
+    on: fused), and ``on`` for a method without trunks is a one-line error."""
+    from gpvae.models.gpvae import GPVAE
+
+    calls = []
+    real = GPVAE.fuse_trunks
+    monkeypatch.setattr(GPVAE, "fuse_trunks",
+                        lambda self, enabled=True: calls.append(enabled) or real(self, enabled))
+    common = ["--latent-dim", "2", "--limit-train", "40", "--batch-size", "8", "--epochs", "1",
+              "--device", "cpu", "--no-progress"]
+    assert main(["train", "--out", str(tmp_path / "g"), "--model", "gpvae", *common]) == 0
+    assert main(["train", "--out", str(tmp_path / "f"), "--model", "gpvae", *common,
+                 "--fused-trunks", "on"]) == 0
+    assert calls == [False, True]
+    assert main(["evaluate", str(tmp_path / "f"), "--iwae-samples", "2", "--limit-test", "4",
+                 "--device", "cpu", "--no-progress", "--fused-trunks", "on"]) == 0
+    assert calls == [False, True, True]
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "v"), "--model", "vae", *common,
+                 "--fused-trunks", "on"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "--fused-trunks on: VAE has no encoder trunks" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "v").exists()
 
 
 # --- wiring: the benchmarks -------------------------------------------------------------------
@@ -488,7 +546,8 @@ def test_gpu_check_compile_compares_compiled_with_eager(compile_fn, monkeypatch,
                            "--latent-dim", "2"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     row = out["rows"][0]
-    assert row["iwae"] == row["elbo"] == row["params"] == 0.0
+    assert row["iwae"] == row["elbo"] == row["loss"] == row["gradient"] == 0.0
+    assert row["params_after_adam"] == 0.0
     if compile_fn is _identity_compile:
         assert code == 0 and out["ok"] and row["fell_back"] == {}
     else:

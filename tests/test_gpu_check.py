@@ -80,6 +80,7 @@ def test_options_mode_runs_only_the_execution_option_steps(tmp_path):
                              "82-bench-train-compile", "83-bench-iwae-compile",
                              "84-bench-inference-cifar-compile",
                              "85-bench-train-cifar-compile", "86-bench-iwae-bf16",
+                             "86-bench-iwae-tf32",
                              "87-bench-inference-bf16", "87-bench-inference-tf32",
                              "88-bench-train-bf16", "88-bench-train-tf32", "89-profile-fused"]
 

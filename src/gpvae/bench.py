@@ -142,7 +142,7 @@ def bench_iwae(args) -> dict:
     }
     if both:
         result.update(compiled_images_per_s=n / t_compiled, compile_speedup=t_ours / t_compiled)
-    if both or compile_enabled(compile_mode, device):  # did a unit fall back to eager?
+    if both or compile_enabled(compile_mode, device, model):  # did a unit fall back?
         runner = inference_runner(model, "on", device)
         result["compile_fallback"] = {u.what: u.failure for u in (runner.posterior, runner.chunk)
                                       if u.failure} or None
@@ -214,14 +214,16 @@ def _in_precision(fn, args, device, autocast: bool = True):
     return run
 
 
-def _variants(args, device) -> list[tuple[str, str, bool, bool]]:
+def _variants(args, device) -> list[tuple[str, str, bool | str, bool]]:
     """How ``--compile`` and ``--fused-trunks`` ask each model to be run: (row-name suffix,
     its compile part, compiled, fused trunks) per row; ``both`` gives two rows (eager and
-    ``+compile``; three trunks and ``+fused``), timed side by side."""
+    ``+compile``; three trunks and ``+fused``), timed side by side.  ``compiled`` is True or
+    False, or the option itself (off, on, auto), which :func:`_variant_models` resolves per
+    model (auto compiles only the methods measured to gain on CUDA)."""
     mode = check_compile_option(getattr(args, "compile", "off"), BENCH_COMPILE_CHOICES)
     fuse = getattr(args, "fused_trunks", "off")
     compiles = ([(False, ""), (True, "+compile")] if mode == "both"
-                else [(compile_enabled(mode, device), "")])
+                else [(mode, "")])  # off, on or auto: resolved per model (_variant_models)
     fuses = [(False, ""), (True, "+fused")] if fuse == "both" else [(fuse == "on", "")]
     return [(fs + cs, cs, compiled, fused) for fused, fs in fuses for compiled, cs in compiles]
 
@@ -232,8 +234,11 @@ def _variant_models(name: str, model, variants) -> list[tuple[str, str, object, 
     only for a model that has trunks to fuse (the GPVAE), which gets no ``+fused`` row
     otherwise."""
     can_fuse = model.supports_fused_trunks()
+    device = model_device_dtype(model)[0]
     rows = []
     for suffix, compile_suffix, compiled, fused in variants:
+        if isinstance(compiled, str):  # --compile off / on / auto, for this model
+            compiled = compile_enabled(compiled, device, model)
         if fused and not can_fuse and "+fused" in suffix:
             continue
         m = copy.deepcopy(model) if rows else model

@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .models import MODELS
     from .networks import DECODERS
     from .precision import PRECISION_HELP, PRECISIONS
-    from .compiling import BENCH_COMPILE_CHOICES, COMPILE_CHOICES, COMPILE_HELP
+    from .compiling import (BENCH_COMPILE_CHOICES, COMPILE_CHOICES, COMPILE_HELP, FUSED_CHOICES,
+                            FUSED_HELP)
 
     parser = _Parser(prog="gpvae", description=(
         "Train and evaluate VAEs with amortized inference networks, including the GPVAE "
@@ -123,9 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: CUDA when available)")
     p.add_argument("--precision", choices=PRECISIONS, help=PRECISION_HELP + ". Stored in the "
                    "run: --resume keeps it (default fp32)")
-    p.add_argument("--compile", choices=COMPILE_CHOICES, default="off", help=COMPILE_HELP
-                   + ".  An execution option like --device: not stored in the run, so "
-                   "--resume may change it (the steps are the same up to float rounding)")
+    p.add_argument("--compile", choices=COMPILE_CHOICES, default="auto", help=COMPILE_HELP
+                   + " (default auto).  An execution option like --device: not stored in the "
+                   "run, so --resume may change it (the steps are the same up to float "
+                   "rounding)")
+    p.add_argument("--fused-trunks", choices=FUSED_CHOICES, default="auto",
+                   help=FUSED_HELP + " (default auto; an execution option, not stored in the "
+                   "run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     group = p.add_argument_group("method-specific options")
     for name, (f, owners) in _model_option_fields().items():
@@ -154,7 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP
                    + ". Default fp32, whatever precision the run was trained in")
-    p.add_argument("--compile", choices=COMPILE_CHOICES, default="off", help=COMPILE_HELP)
+    p.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
+                   help=COMPILE_HELP + " (default auto)")
+    p.add_argument("--fused-trunks", choices=FUSED_CHOICES, default="auto",
+                   help=FUSED_HELP + " (default auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -448,7 +456,8 @@ def cmd_train(args) -> int:
 
     cfg = _train_config(args)
     summary = train(cfg, resume=args.resume, progress=not args.no_progress,
-                    log=lambda m: print(m, file=sys.stderr), compile=args.compile)
+                    log=lambda m: print(m, file=sys.stderr), compile=args.compile,
+                    fused_trunks=args.fused_trunks)
     print(f"trained {cfg.model} on {cfg.dataset} for {summary['epochs']} epochs: best validation "
           f"ELBO {summary['best_valid_elbo']:.2f} at epoch {summary['best_epoch']}; "
           f"run directory {summary['run_dir']}")
@@ -456,6 +465,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from .compiling import apply_fused_trunks
     from .devices import resolve_device
     from .evaluation import estimate
     from .rundir import load_run, read_config, run_test_split
@@ -466,6 +476,7 @@ def cmd_evaluate(args) -> int:
     check_precision(args.precision, device)
     cfg = read_config(args.run_dir)
     model, cfg = load_run(args.run_dir, args.checkpoint, device)
+    apply_fused_trunks(model, args.fused_trunks, device)
     test = run_test_split(cfg, args.data_dir, args.limit_test)
     est = estimate(model, test, samples=args.iwae_samples, batch_size=args.batch_size,
                    device=device, seed=args.seed, progress=not args.no_progress,

@@ -56,9 +56,10 @@ propagates unchanged (and compilation is not blamed).
 
 Options
 -------
-``--compile off`` (eager), ``on`` (compiled where it works), ``auto``: meant to be on for
-CUDA and off on CPU, but off everywhere until a GPU run has measured that compilation
-pays off there (:data:`AUTO_ON_CUDA`).  The benchmarks also take ``both`` (eager and
+``--compile off`` (eager), ``on`` (compiled where it works), ``auto`` (the default of
+train and evaluate): on for CUDA for a method whose class says a GPU run measured that
+compilation pays off (``compile_auto_on_cuda``: the VAE and the GPVAE, docs/benchmarks.md),
+off on a CPU (slower to start, no gain there) and for every other method until measured.  The benchmarks also take ``both`` (eager and
 compiled rows side by side, measured in one run).  Compilation is an execution option
 like ``--device``, not part of what a run is: it is not stored in config.json, changes
 no weight or checkpoint, and a run may be resumed with another setting (the numbers then
@@ -79,8 +80,6 @@ from .precision import autocast_context, upcast
 #: the values of ``--compile`` (the benchmarks add "both")
 COMPILE_CHOICES = ("off", "on", "auto")
 BENCH_COMPILE_CHOICES = COMPILE_CHOICES + ("both",)
-#: whether ``--compile auto`` compiles on CUDA; False until a GPU run measures it helps
-AUTO_ON_CUDA = False
 #: dynamo's limit of recompilations per function, raised to this: the compiled units are
 #: shared by every model in a process and recompile per input shape (a last, smaller
 #: batch; the last IWAE chunk) and per mode (training, evaluation)
@@ -89,8 +88,17 @@ RECOMPILE_LIMIT = 64
 COMPILE_HELP = ("run q(z|x), the IWAE loop and the training step as compiled graphs "
                 "(torch.compile; CUDA graphs on CUDA), falling back to eager mode with a "
                 "one-line warning where compilation fails; the same numbers up to float "
-                "rounding.  off (eager), on, or auto: on for CUDA once measured to help -- "
-                "for now auto is off everywhere (default off)")
+                "rounding; the first steps take longer (compilation).  off (eager), on, or "
+                "auto: on for CUDA for the methods measured on a GPU to gain from it (vae, "
+                "gpvae; docs/benchmarks.md), off on a CPU and for the other methods")
+
+#: the values of ``--fused-trunks`` in train and evaluate (the benchmarks add "both")
+FUSED_CHOICES = ("off", "on", "auto")
+FUSED_HELP = ("GPVAE: run its three encoder trunks (b/c, psi^m, psi^s) as one network -- "
+              "concatenated and grouped convolutions, one batched FC product; the same "
+              "features and parameters, fewer kernel launches.  off, on, or auto: on for "
+              "CUDA (measured faster there, eager and compiled; docs/benchmarks.md), off on "
+              "a CPU (no gain there); methods without trunks to fuse ignore auto")
 
 
 def check_compile_option(value, choices=COMPILE_CHOICES, flag: str = "--compile") -> str:
@@ -103,13 +111,40 @@ def check_compile_option(value, choices=COMPILE_CHOICES, flag: str = "--compile"
     return value
 
 
-def compile_enabled(option, device) -> bool:
-    """Whether ``--compile OPTION`` compiles on ``device``: "on" yes, "off" no, "auto" only
-    on CUDA and only while :data:`AUTO_ON_CUDA` says it has been measured to help."""
+def compile_enabled(option, device, model=None) -> bool:
+    """Whether ``--compile OPTION`` compiles ``model`` on ``device``: "on" yes, "off" no,
+    "auto" only on CUDA and only for a method whose class says compiling was measured to
+    help there (:attr:`~gpvae.models.base.LatentVariableModel.compile_auto_on_cuda`; with no
+    model, no)."""
     option = check_compile_option(option)
     if option == "auto":
-        return AUTO_ON_CUDA and torch.device(device).type == "cuda"
+        return (torch.device(device).type == "cuda" and model is not None
+                and type(model).compile_auto_on_cuda)
     return option == "on"
+
+
+def fused_trunks_enabled(option, device, model) -> bool:
+    """Whether ``--fused-trunks OPTION`` fuses ``model``'s trunks on ``device``: "off" no;
+    "auto" on CUDA where the method has trunks to fuse; "on" yes, and a one-line
+    :class:`~gpvae.errors.ConfigError` for a method that has none."""
+    option = check_compile_option(option, FUSED_CHOICES, "--fused-trunks")
+    can = model.supports_fused_trunks()
+    if option == "on" and not can:
+        raise ConfigError(f"--fused-trunks on: {type(model).__name__} has no encoder trunks "
+                          "to fuse (only the GPVAE does); use off or auto")
+    if option == "auto":
+        return can and torch.device(device).type == "cuda"
+    return option == "on"
+
+
+def apply_fused_trunks(model, option, device):
+    """``model`` with its trunks fused or not as ``--fused-trunks OPTION`` says on ``device``
+    (:func:`fused_trunks_enabled`); a model without trunks is returned unchanged."""
+    if model.supports_fused_trunks():
+        model.fuse_trunks(fused_trunks_enabled(option, device, model))
+    else:
+        fused_trunks_enabled(option, device, model)  # "on" is refused
+    return model
 
 
 def compile_options(device) -> dict:
@@ -272,7 +307,7 @@ def inference_runner(model, option, device=None, log=None) -> CompiledInference 
     from .devices import model_device_dtype
 
     device = torch.device(device) if device is not None else model_device_dtype(model)[0]
-    if not compile_enabled(option, device):
+    if not compile_enabled(option, device, model):
         return None
     key = (device.type, device.index)
     runners = _RUNNERS.setdefault(model, {})

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .compiling import TrainingStep, compile_enabled
+from .compiling import TrainingStep, apply_fused_trunks, check_compile_option, compile_enabled
 from .checkpoint import (atomic_write_text, load_checkpoint, read_checkpoint,
                          remove_orphan_temps, save_checkpoint)
 from .devices import resolve_device
@@ -183,7 +183,7 @@ def load_training_splits(cfg: TrainConfig):
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print,
-          compile="off") -> dict:
+          compile="auto", fused_trunks="auto") -> dict:
     """Train (or resume) a run; return the final summary (best epoch and its valid ELBO).
 
     Everything that can be checked is checked before the first step: the options, the
@@ -194,8 +194,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     ELBO.  A non-finite loss, gradient or weight stops training before anything
     non-finite is saved.  ``resume`` on a run killed before its first epoch finished
     starts it from the beginning.  ``compile``: ``--compile`` off, on or auto
-    (:mod:`gpvae.compiling`: training steps and validation as compiled graphs; an
-    execution option, not stored in config.json, so a run may resume with another one).
+    (:mod:`gpvae.compiling`: training steps and validation as compiled graphs; auto: on
+    CUDA for the methods measured to gain); ``fused_trunks``: ``--fused-trunks`` off, on
+    or auto (the GPVAE's three trunks as one network; auto: on CUDA).  Both are execution
+    options, not stored in config.json, so a run may resume with others (the steps are the
+    same up to float rounding).
     """
     from .data import IMAGE_SHAPES
 
@@ -203,13 +206,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
     check_precision(cfg.precision, device)
-    compiled = compile_enabled(compile, device)
+    check_compile_option(compile)
     if cfg.dataset not in IMAGE_SHAPES:
         raise DataError(f"unknown data set {cfg.dataset!r}; choose from {', '.join(IMAGE_SHAPES)}")
     # Build (and validate) the model and load the data before touching the disk: bad
     # options and data fail before a directory is created.
     torch.manual_seed(cfg.seed)
     model = build_from_config(cfg, IMAGE_SHAPES[cfg.dataset]).to(device)
+    compiled = compile_enabled(compile, device, model)
+    apply_fused_trunks(model, fused_trunks, device)
     warning = model.training_plan_warning(cfg.epochs)
     if warning:
         log(f"warning: {warning}")

@@ -124,6 +124,12 @@ class LatentVariableModel(nn.Module):
     config_class = ModelConfig
     #: whether ``posterior`` itself uses autograd (see "Gradients inside posterior" above)
     posterior_needs_grad: ClassVar[bool] = False
+    #: whether ``--compile auto`` (the default of train and evaluate) compiles this method on
+    #: CUDA (:func:`gpvae.compiling.compile_enabled`): True only for a method whose compiled
+    #: q(z|x), IWAE chunk and training step have run as CUDA graphs on a GPU and were
+    #: measured faster there (docs/benchmarks.md, "On a GPU"); the others run eagerly under
+    #: auto until such a measurement
+    compile_auto_on_cuda: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig, image_shape: tuple[int, int, int]):
         super().__init__()

@@ -137,6 +137,10 @@ class GPVAEConfig(ModelConfig):
 class GPVAE(LatentVariableModel):
     """GP-prior random-function encoder (eqs. 9, 11, 13) trained by the ELBO (15)-(16)."""
 
+    #: measured on an H100: compiled, q(z|x) and the training step run several times
+    #: faster (docs/benchmarks.md, "On a GPU"), so ``--compile auto`` compiles it on CUDA
+    compile_auto_on_cuda = True
+
     config_class = GPVAEConfig
 
     def __init__(self, config: GPVAEConfig, image_shape):
