@@ -223,6 +223,53 @@ def test_a_model_error_is_not_taken_for_a_compilation_failure(bad_batch, monkeyp
     assert not _warnings(capsys.readouterr().err)
 
 
+def test_a_failed_cuda_graph_capture_that_breaks_the_eager_rerun_says_compile_off(
+        monkeypatch):
+    """On an H100 a failed CUDA-graph capture left CUDA's generator unusable, so the eager
+    rerun failed too ("Offset increment outside graph capture ...") and a bare CUDA error
+    stopped the command.  Now that case is a one-line CompileError naming --compile off;
+    without a capture failure (or on a CPU) the eager error still propagates unchanged.
+    (CUDA's random-number state is not touched here: no GPU.)"""
+    from gpvae.errors import CompileError
+
+    monkeypatch.setattr(compiling, "_rng_state", lambda device: None)
+    monkeypatch.setattr(compiling, "_set_rng_state", lambda state, device: None)
+    broken = []
+
+    def fast(x):
+        broken.append(True)
+        try:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        except RuntimeError as inner:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during "
+                               "capture") from inner
+
+    def eager(x):
+        if broken:
+            raise RuntimeError("Offset increment outside graph capture encountered "
+                               "unexpectedly.")
+        return x + 1
+
+    unit = compiling.Fallback(fast, eager, "q(z|x) of VAE", "cuda", log=lambda m: None)
+    with pytest.raises(CompileError, match="rerun with --compile off") as err:
+        unit(torch.zeros(1))
+    assert "\n" not in str(err.value) and "q(z|x) of VAE" in str(err.value)
+    assert "Offset increment" in str(err.value)
+
+    def model_error(x):  # compiled and eager both fail with the model's own error
+        raise ValueError("planted: the model's own error")
+
+    for device in ("cuda", "cpu"):
+        unit = compiling.Fallback(model_error, model_error, "q(z|x) of VAE", device,
+                                  log=lambda m: None)
+        with pytest.raises(ValueError, match="the model's own error"):
+            unit(torch.zeros(1))
+    broken.clear()
+    unit = compiling.Fallback(fast, eager, "q(z|x) of VAE", "cpu", log=lambda m: None)
+    with pytest.raises(RuntimeError, match="Offset increment"):  # CPU: not CUDA's capture
+        unit(torch.zeros(1))
+
+
 class CountingVAE(TinyVAE):
     """A method whose training step changes its own state (as RME's stage schedule does),
     and so says it cannot be packed -- nor compiled."""

@@ -73,7 +73,7 @@ from typing import Callable
 
 import torch
 
-from .errors import ConfigError
+from .errors import CompileError, ConfigError
 from .models.base import without_grad
 from .precision import autocast_context, upcast
 
@@ -176,6 +176,20 @@ def _one_line(exc: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def _capture_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from or during) is a failed CUDA-graph
+    capture -- after which CUDA's random-number generator may be unusable in the process
+    (seen on an H100: ``torch.normal`` inside a captured graph, docs/benchmarks.md)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc).lower()
+        if "captur" in text and ("graph" in text or "stream" in text):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _rng_state(device: torch.device):
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda
@@ -195,7 +209,10 @@ class Fallback:
     restored), then ``fast``.  If ``fast`` raises, the call is rerun with ``eager`` (state
     restored first): if that succeeds, compilation failed -- one line goes to ``log``
     and every later call is eager; if it raises too, that error propagates (it is the
-    model's).  ``fast`` may be None (``torch.compile`` itself failed: ``error``).
+    model's) -- unless ``fast`` failed recording a CUDA graph, which can leave CUDA unable
+    to run the eager path in this process: then a one-line
+    :class:`~gpvae.errors.CompileError` says to rerun with ``--compile off``.  ``fast`` may
+    be None (``torch.compile`` itself failed: ``error``).
     ``new_step``: on CUDA, each call starts a new CUDA-graph generation (whether it then
     runs compiled or not: the units called after it in the same batch are in it).
 
@@ -235,8 +252,18 @@ class Fallback:
         try:
             out = self.fast(*args)
         except Exception as exc:  # noqa: BLE001 -- anything compilation raises; see below
-            _set_rng_state(state, self.device)
-            out = self.eager(*args)  # the model's own error propagates from here
+            try:
+                _set_rng_state(state, self.device)
+                out = self.eager(*args)  # the model's own error propagates from here
+            except Exception as eager_exc:
+                if self.device.type == "cuda" and _capture_failed(exc):
+                    raise CompileError(
+                        f"--compile: recording {self.what} as a CUDA graph failed "
+                        f"({_one_line(exc)}) and left this process unable to run it eagerly "
+                        f"({_one_line(eager_exc)}); rerun with --compile off (a training "
+                        "run continues from its last finished epoch with --resume)"
+                    ) from eager_exc
+                raise
             self._fail(exc)
             return out
         self.compiled_calls += 1

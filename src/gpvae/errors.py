@@ -36,6 +36,11 @@ class OutputError(GpvaeError):
     a read-only file system, a full disk); whatever was there before is left unchanged."""
 
 
+class CompileError(GpvaeError):
+    """A compiled unit failed in a way that left the process unable to run it eagerly
+    either (a failed CUDA-graph capture); the message says to rerun with --compile off."""
+
+
 class TrainingDivergedError(GpvaeError):
     """The loss or a gradient became NaN/inf; the message names epoch and step."""
 
