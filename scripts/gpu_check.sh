@@ -212,11 +212,11 @@ lane_gpvae() {  # train and evaluate with their defaults: on CUDA compiled, trun
   step "16-export" 60 "$SMOKE_DEADLINE" "${GPVAE[@]}" export "$WORK/gpvae" --out "$WORK/encoder.pt2"
 }
 lane_demo() {
-  step "20-demo" 90 "$SMOKE_DEADLINE" "${GPVAE[@]}" demo --out "$WORK/demo" --epochs 1 --limit-train "$N_TRAIN" \
+  step "20-demo" 120 "$SMOKE_DEADLINE" "${GPVAE[@]}" demo --out "$WORK/demo" --epochs 1 --limit-train "$N_TRAIN" \
     --limit-test "$N_TEST" --iwae-samples "$K" --latent-dim 5 --device "$DEV" --no-progress
 }
 lane_compare() {
-  step "30-compare" 90 "$SMOKE_DEADLINE" "${GPVAE[@]}" compare --out "$WORK/compare" --models vae,gpvae --seeds 0 --epochs 1 \
+  step "30-compare" 120 "$SMOKE_DEADLINE" "${GPVAE[@]}" compare --out "$WORK/compare" --models vae,gpvae --seeds 0 --epochs 1 \
     --latent-dim 5 "${DATA[@]}" --iwae-samples "$K" --device "$DEV" --no-progress
 }
 lane_grid() {
@@ -235,7 +235,7 @@ device = "$DEV"
 kind = "local"
 jobs = 1
 EOF
-  step "40-grid-pack" 90 "$SMOKE_DEADLINE" "${GPVAE[@]}" grid "$WORK/grid.toml" --out "$WORK/grid" --pack --no-progress
+  step "40-grid-pack" 120 "$SMOKE_DEADLINE" "${GPVAE[@]}" grid "$WORK/grid.toml" --out "$WORK/grid" --pack --no-progress
   step "41-grid-status" 30 "$SMOKE_DEADLINE" "${GPVAE[@]}" grid --out "$WORK/grid" --status
   step "42-grid-report" 30 "$SMOKE_DEADLINE" "${GPVAE[@]}" grid --out "$WORK/grid" --report
   step "50-bench-quadratic" 30 "$SMOKE_DEADLINE" "${GPVAE[@]}" bench-quadratic --device "$DEV" --repeats 3 --json
