@@ -48,7 +48,8 @@
 #                         CIFAR-shaped: random images in CIFAR-10's files) / bench-iwae with
 #                         --compile both and --fused-trunks both, with --precision tf32 and
 #                         bf16, and a torch.profiler table of the fused GPVAE's q(z|x)
-#                         (default budget 300 s; run it with timeout_s 360)
+#                         (default budget 360 s; run it with timeout_s 420; the
+#                         precision rows run as train/evaluate do on CUDA: compiled, fused)
 #   --fetch-wheels        download the wheels into .gpu_wheels/ (here, with network) and exit
 #   GPU_CHECK_DEVICE      cuda (default) or cpu
 #   GPU_CHECK_BUDGET_S    overall deadline in seconds (default 235; --quick: 1800)
@@ -107,7 +108,7 @@ if [ "$QUICK" = 1 ]; then
   BUDGET="${GPU_CHECK_BUDGET_S:-1800}"; SMOKE_BUDGET=$(( BUDGET / 2 ))
   N_TRAIN=200; N_TEST=40; K=5; SMALL_LIMIT=600; BENCH_LIMIT=900
 elif [ "${OPTIONS:-0}" = 1 ]; then
-  BUDGET="${GPU_CHECK_BUDGET_S:-300}"; SMOKE_BUDGET=0
+  BUDGET="${GPU_CHECK_BUDGET_S:-360}"; SMOKE_BUDGET=0
   N_TRAIN=400; N_TEST=100; K=20; SMALL_LIMIT=90; BENCH_LIMIT=120
 else
   BUDGET="${GPU_CHECK_BUDGET_S:-235}"; SMOKE_BUDGET=120
@@ -185,8 +186,8 @@ if [ "${OPTIONS:-0}" = 1 ]; then
     step "86-bench-iwae-$P" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-iwae --model vae --images 5000 --precision "$P" --compile both --device "$DEV" --json
   done
   for P in tf32 bf16; do
-    step "87-bench-inference-$P" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models vae,gpvae --precision "$P" --device "$DEV" --repeats 5 --json
-    step "88-bench-train-$P" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train --latent-dim 50 --models vae,gpvae --precision "$P" --device "$DEV" --steps 10 --repeats 5 --json
+    step "87-bench-inference-$P" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models vae,gpvae --precision "$P" --compile on --fused-trunks on --device "$DEV" --repeats 5 --json
+    step "88-bench-train-$P" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train --latent-dim 50 --models vae,gpvae --precision "$P" --compile on --fused-trunks on --device "$DEV" --steps 10 --repeats 5 --json
   done
   step "89-profile-fused" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models vae,gpvae --fused-trunks on --device "$DEV" --repeats 2 --limit-test 1280 --profile
   echo

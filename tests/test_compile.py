@@ -107,7 +107,9 @@ def _failing_at_call_compile(fn, **_):
 
 
 def _warnings(err: str) -> list[str]:
-    return [ln for ln in err.splitlines() if "--compile" in ln]
+    """The --compile warnings and notes of a command's stderr (not train's "compiling" note)."""
+    return [ln for ln in err.splitlines()
+            if "--compile" in ln and not ln.startswith("note: compiling")]
 
 
 @pytest.fixture(autouse=True)
@@ -427,6 +429,9 @@ def test_train_and_evaluate_compile_and_resume_exactly(tmp_path, monkeypatch, ca
                         lambda fn, device: names.append(fn.__name__) or real(fn, device))
     assert _train_cli(tmp_path / "full", "--epochs", "2", "--compile", "on") == 0
     assert {"_training_loss", "_posterior", "_log_weights_chunk"} <= set(names)
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note:")]
+    assert notes == ["note: compiling tinylin's training step and evaluation (--compile on); "
+                     "the first steps take longer (--compile off runs eagerly)"]
     assert _train_cli(tmp_path / "part", "--epochs", "1", "--compile", "on") == 0
     assert main(["train", "--out", str(tmp_path / "part"), "--resume", "--epochs", "2",
                  "--compile", "on", "--no-progress"]) == 0
@@ -469,6 +474,7 @@ def test_train_and_evaluate_pass_fused_trunks_and_refuse_it_without_trunks(tmp_p
     assert main(["train", "--out", str(tmp_path / "f"), "--model", "gpvae", *common,
                  "--fused-trunks", "on"]) == 0
     assert calls == [False, True]
+    assert "note: compiling" not in capsys.readouterr().err  # auto on a CPU: eager, no note
     assert main(["evaluate", str(tmp_path / "f"), "--iwae-samples", "2", "--limit-test", "4",
                  "--device", "cpu", "--no-progress", "--fused-trunks", "on"]) == 0
     assert calls == [False, True, True]

@@ -215,6 +215,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     model = build_from_config(cfg, IMAGE_SHAPES[cfg.dataset]).to(device)
     compiled = compile_enabled(compile, device, model)
     apply_fused_trunks(model, fused_trunks, device)
+    if compiled:
+        log(f"note: compiling {cfg.model}'s training step and evaluation (--compile "
+            f"{compile}); the first steps take longer (--compile off runs eagerly)")
     warning = model.training_plan_warning(cfg.epochs)
     if warning:
         log(f"warning: {warning}")
