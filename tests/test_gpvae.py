@@ -232,6 +232,62 @@ def test_model_forms_agree_and_packed_cache_tracks_parameters():
     assert model.sigma_offdiag.grad is not None and torch.isfinite(model.sigma_offdiag.grad).all()
 
 
+def test_float32_cpu_quadratic_forms_run_on_onednn_with_the_float64_values(monkeypatch):
+    """Without gradients on a CPU in float32, q(z|x)'s quadratic forms (eq. 13) run column
+    block by column block on oneDNN (gpvae.onednn); they equal the float64 computation to
+    float32 rounding, the plain batched path agrees with them, and every product went
+    through oneDNN (16 column blocks x 2 forms, 30 of them with a slab).  Under
+    torch.compile tracing, with gradients, or in float64 the plain path runs."""
+    from gpvae import cholesky, onednn
+    from gpvae.cholesky import stacked_blocked_quadratic_forms
+
+    model = _model(d=5)
+    _randomize_gp(model)
+    x = _inputs(dtype=torch.float32)
+    calls = []
+    real = onednn._onednn_linear
+    monkeypatch.setattr(onednn, "_onednn_linear",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        psi_m, psi_s = model.psi_m(x), model.psi_s(x)
+        operands = model._inference_operands()
+        qm, s2 = stacked_blocked_quadratic_forms(psi_m, psi_s, *operands, model.chol_block)
+        n = model.feature_dim // model.chol_block
+        assert len(calls) == 2 * n + 2 * (n - 1)
+        with monkeypatch.context() as m:
+            m.setattr(cholesky, "onednn_applies", lambda *tensors: False)
+            plain = stacked_blocked_quadratic_forms(psi_m, psi_s, *operands, model.chol_block)
+        assert len(calls) == 2 * n + 2 * (n - 1)  # the plain path: no oneDNN product
+        wide = model.double()
+        ops64 = wide._inference_operands()
+        exact = stacked_blocked_quadratic_forms(psi_m.double(), psi_s.double(), *ops64,
+                                                model.chol_block)
+    for got, ref, other in zip((qm, s2), exact, plain):
+        assert got.dtype == torch.float32 and got.shape == ref.shape
+        torch.testing.assert_close(got.double(), ref, rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(got, other, rtol=2e-5, atol=1e-6)
+
+
+def test_traced_graphs_keep_the_portable_product():
+    """Under torch.compile / torch.export tracing the oneDNN product is never chosen: the
+    graph (read here with a recording backend) holds PyTorch's own linear, so a compiled or
+    exported encoder does not depend on a CPU-only internal op."""
+    from gpvae.onednn import fast_linear
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x, w = torch.randn(4, 3), torch.randn(5, 3)
+    with torch.no_grad():
+        out = torch.compile(fast_linear, backend=backend, fullgraph=True)(x, w)
+    torch.testing.assert_close(out, x @ w.T)
+    targets = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets and not any("mkldnn" in t for t in targets), targets
+
+
 @pytest.mark.parametrize("d,shape", [(4, MNIST), (40, MNIST), (3, (3, 32, 32))])
 def test_fused_encoder_matches_marginal_moments(d, shape):
     model = _model(d=d, shape=shape).double()

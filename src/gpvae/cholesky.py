@@ -50,6 +50,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from .onednn import linear_kernel, onednn_applies
 from .precision import fp32_function  # FP32 islands under autocast (gpvae.precision)
 
 
@@ -539,10 +540,16 @@ def stacked_blocked_quadratic_forms(psi_m: torch.Tensor, psi_s: torch.Tensor,
     gives them) in one batched product, then the 2(n - 1) sub-diagonal slabs (``slabs``: the
     n - 1 slabs of L, then those of M, each (p - (K + 1) b, d b)) added in place.  The same
     arithmetic as two :func:`blocked_cholesky_quadratic_form` calls, without autograd (for
-    inference and the exported encoder)."""
+    inference and the exported encoder).
+
+    On a CPU in float32 (:func:`gpvae.onednn.onednn_applies`) the products run on oneDNN
+    instead, column block by column block (:func:`_quadratic_forms_by_column_block`): the
+    same sums, another kernel (docs/benchmarks.md)."""
     rows, p = psi_m.shape
     n = p // block
     d = diag_blocks.shape[-1] // block
+    if onednn_applies(psi_m, psi_s, diag_blocks, *slabs):
+        return _quadratic_forms_by_column_block(psi_m, psi_s, diag_blocks, slabs, block)
     feats = torch.cat([psi_m, psi_s], 1)  # (B, 2p): 2n column blocks
     proj = torch.bmm(feats.view(rows, 2 * n, block).transpose(0, 1), diag_blocks)
     for k in range(n - 1):
@@ -550,6 +557,30 @@ def stacked_blocked_quadratic_forms(psi_m: torch.Tensor, psi_s: torch.Tensor,
         proj[n + k].addmm_(psi_s[:, (k + 1) * block:], slabs[n - 1 + k])
     sq = torch.linalg.vector_norm(proj.view(2 * n, rows, d, block), dim=-1).square()
     return sq[:n].sum(0), sq[n:].sum(0)
+
+
+def _quadratic_forms_by_column_block(psi_m, psi_s, diag_blocks, slabs, block):
+    """:func:`stacked_blocked_quadratic_forms` one column block K at a time: P_K = psi_K D_K
+    + psi[:, (K + 1) b:] S_K as two oneDNN products (the weights read transposed in place:
+    D_K and S_K are contiguous), then its squared column sums added to q.  No (2n, B, d b)
+    intermediate, no batched product: on the CPU MKL runs these (B, k) @ (k, d b) shapes
+    well below oneDNN's rate (:mod:`gpvae.onednn`)."""
+    linear = linear_kernel(psi_m, diag_blocks)
+    rows, p = psi_m.shape
+    n = p // block
+    d = diag_blocks.shape[-1] // block
+    forms = []
+    for form, psi in enumerate((psi_m, psi_s)):
+        total = None
+        for k in range(n):
+            proj = linear(psi[:, k * block:(k + 1) * block], diag_blocks[form * n + k].mT)
+            if k < n - 1:
+                proj.add_(linear(psi[:, (k + 1) * block:], slabs[form * (n - 1) + k].mT))
+            proj = proj.view(rows, d, block)
+            sq = torch.linalg.vecdot(proj, proj)  # (B, d): this block's share of q
+            total = sq if total is None else total.add_(sq)
+        forms.append(total)
+    return forms[0], forms[1]
 
 
 def kl_to_standard_normal(mean: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""oneDNN's float32 matrix product for the no-autograd CPU paths of SA, IAF and VLAE.
+"""oneDNN's float32 matrix product for the no-autograd CPU paths of SA, IAF, VLAE and the
+GPVAE's quadratic forms.
 
 PyTorch runs float32 ``F.linear`` / ``torch.mm`` on a CPU through its BLAS (MKL), which on
 some processors (AMD EPYC: MKL does not use AVX-512 there) runs these products far below the
@@ -38,13 +39,20 @@ def linear_kernel(*tensors: torch.Tensor):
     ``torch.ops.mkldnn._linear_pointwise`` (what ``torch.compile`` emits on CPUs); it has no
     autograd formula, hence the conditions.  If it is missing, or fails (e.g. its signature
     changed), ``F.linear`` is used from then on."""
-    if (_ONEDNN_LINEAR is None or not torch.backends.mkldnn.enabled
-            or autocast_enabled("cpu")
-            or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors)
-            or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-            or any(_functorch_wrapped(t) for t in tensors)):
-        return F.linear
-    return _onednn_linear
+    return _onednn_linear if onednn_applies(*tensors) else F.linear
+
+
+def onednn_applies(*tensors: torch.Tensor) -> bool:
+    """Whether products of these tensors may run on oneDNN (:func:`linear_kernel`'s
+    conditions): on a CPU, float32, oneDNN enabled and its op present, no autocast, nothing
+    for autograd to record, not inside torch.func transforms, and not being traced by
+    ``torch.compile`` / ``torch.export`` (a traced graph keeps PyTorch's portable ops)."""
+    return not (torch.compiler.is_compiling()  # first: dynamo cannot trace the checks below
+                or _ONEDNN_LINEAR is None or not torch.backends.mkldnn.enabled
+                or autocast_enabled("cpu")
+                or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors)
+                or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+                or any(_functorch_wrapped(t) for t in tensors))
 
 
 _IS_WRAPPED = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
@@ -78,4 +86,4 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor,
     return linear_kernel(*tensors)(x, weight, bias)
 
 
-__all__ = ["fast_linear", "linear_kernel"]
+__all__ = ["fast_linear", "linear_kernel", "onednn_applies"]
