@@ -432,15 +432,25 @@ def _count_training_step(d):
     return fwd.ops, bwd.ops, post.ops
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["cpu-onednn", "plain"])
 @pytest.mark.parametrize("d_small,d_large", [(10, 20), (40, 64)])
-def test_no_python_loop_over_latent_dimensions(d_small, d_large):
+def test_no_python_loop_over_latent_dimensions(d_small, d_large, onednn, monkeypatch):
     """The same aten operations, the same number of times, for a small and a large d: nothing
-    in the forward pass, the backward pass or posterior() scales with d in Python."""
+    in the forward pass, the backward pass or posterior() scales with d in Python -- on the
+    CPU's float32 path (the quadratic forms on oneDNN, one column block at a time: a loop
+    over p / b blocks, not over d) and on the plain path that CUDA takes, whose forward pass
+    is also short in absolute terms (kernel launches)."""
+    from gpvae import cholesky
+
+    if not onednn:
+        monkeypatch.setattr(cholesky, "onednn_applies", lambda *tensors: False)
     _count_training_step(d_small)  # warm-up: one-time set-up (cached constants) is not per step
     small, large = _count_training_step(d_small), _count_training_step(d_large)
     for a, b in zip(small, large):
         assert a == b
-    assert sum(small[0].values()) < 400  # and the forward pass is short in absolute terms
+    assert any("mkldnn" in op for op in small[0]) == onednn
+    if not onednn:
+        assert sum(small[0].values()) < 400
 
 
 # ----------------------------------------------------------------------------------------
@@ -535,6 +545,46 @@ def test_factor_construction_gradients_match_dense_reference():
     # ... and the model's objective uses it: the same global KL as kl_wu()
     torch.testing.assert_close(model.elbo_terms(_inputs(2))["kl_wu"], model.kl_wu(),
                                rtol=1e-12, atol=0)
+
+
+def test_float32_cpu_training_quadratic_form_and_its_gradients_on_onednn(monkeypatch):
+    """The training quadratic form (with sum_j ||L_j||_F^2, as the objective calls it) in
+    float32 on a CPU runs its forward and backward products on oneDNN, column block by
+    column block; value and gradients (psi, the stored blocks, log_diag) equal the float64
+    computation to float32 rounding, unused entries get zero gradient, and every product
+    went through oneDNN (forward 2n - 1; backward 2n - 1 for psi, 2n - 1 for the blocks)."""
+    from gpvae import onednn
+
+    model = _model(d=4)
+    _randomize_gp(model)
+    g = torch.Generator().manual_seed(5)
+    psi = torch.randn(6, model.feature_dim, generator=g)
+    weights = torch.randn(6, 4, generator=g)
+    n = model.feature_dim // model.chol_block
+    calls = []
+    real = onednn._onednn_linear
+    monkeypatch.setattr(onednn, "_onednn_linear",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in
+                  (psi, model.sigma_log_diag, model.sigma_offdiag)]
+        q, frob = _quadratic_and_frobenius(leaves[0], leaves[1], leaves[2], model.chol_block)
+        grads = torch.autograd.grad((q * weights.to(dtype)).sum() + 0.7 * frob, leaves)
+        results[dtype] = (q, *grads)
+        if dtype == torch.float32:
+            assert len(calls) == 3 * (2 * n - 1)
+    assert len(calls) == 3 * (2 * n - 1)  # float64: none
+    for got, ref in zip(results[torch.float32], results[torch.float64]):
+        assert got.dtype == torch.float32
+        scale = ref.abs().max()
+        torch.testing.assert_close(got.double() / scale, ref / scale, rtol=0, atol=2e-6)
+    # the stored entries on and above the diagonal blocks' diagonals are unused
+    grad_blocks = results[torch.float32][3]
+    b, p = model.chol_block, model.feature_dim
+    diag_rows = grad_blocks[:p].view(n, b, -1, b)
+    upper = torch.ones(b, b, dtype=torch.bool).triu().view(1, b, 1, b).expand_as(diag_rows)
+    assert (diag_rows[upper] == 0).all()
 
 
 def test_old_packed_checkpoints_load_into_the_blocked_layout():

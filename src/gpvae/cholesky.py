@@ -240,10 +240,14 @@ class _BlockedCholeskyQuadratic(torch.autograd.Function):
         x = psi.reshape(-1, p).contiguous()
         rows = x.shape[0]
         dg, diag = _diagonal_blocks(log_diag, blocks, b, mask)
-        proj = torch.bmm(x.view(rows, n, b).transpose(0, 1), dg.view(n, b, d * b))
         slab_part = blocks[p:].view(-1)
-        for k, (out, slab) in enumerate(zip(proj.unbind(0), _slabs(blocks, p, b))):
-            out.addmm_(x[:, (k + 1) * b:], slab)
+        if onednn_applies(x, dg, blocks):  # a CPU in float32: oneDNN, block by block
+            proj = torch.stack(list(_column_block_projections(
+                linear_kernel(x, dg), x, dg.view(n, b, d * b), _slabs(blocks, p, b), b)))
+        else:
+            proj = torch.bmm(x.view(rows, n, b).transpose(0, 1), dg.view(n, b, d * b))
+            for k, (out, slab) in enumerate(zip(proj.unbind(0), _slabs(blocks, p, b))):
+                out.addmm_(x[:, (k + 1) * b:], slab)
         # sum of squares over the b columns (a norm: one pass, no temporary), then over the
         # n blocks
         q = torch.linalg.vector_norm(proj.view(n, rows * d, b), dim=-1).square_().sum(0)
@@ -278,9 +282,17 @@ class _BlockedCholeskyQuadratic(torch.autograd.Function):
             g = (proj.view(n, rows, d, b) * (2.0 * grad_q.reshape(1, rows, d, 1))).view(
                 n, rows, d * b)
             gs = g.unbind(0)
+        onednn = grad_q is not None and onednn_applies(x, g, dg, blocks)
+        linear = linear_kernel(x, g) if onednn else None
         if need_psi:
             if grad_q is None:
                 grad_psi = x.new_zeros(*lead, p)
+            elif onednn:  # a CPU in float32: oneDNN, block by block (as forward)
+                dgv = dg.view(n, b, d * b)
+                grad_psi = torch.cat([linear(gs[k], dgv[k]) for k in range(n)], 1)
+                for k, slab in enumerate(_slabs(blocks, p, b)):
+                    grad_psi[:, (k + 1) * b:].add_(linear(gs[k], slab))
+                grad_psi = grad_psi.view(*lead, p)
             else:
                 grad_psi = torch.bmm(g, dg.view(n, b, d * b).transpose(1, 2))  # (n, B, b)
                 grad_psi = grad_psi.transpose(0, 1).reshape(rows, p)
@@ -290,6 +302,13 @@ class _BlockedCholeskyQuadratic(torch.autograd.Function):
         if need_log_diag or need_blocks:
             if grad_q is None:
                 grad_blocks = torch.zeros_like(blocks)
+            elif onednn:  # psi_K^T G[K] and psi[:, (K + 1) b:]^T G[K], from psi^T once
+                grad_blocks = torch.empty_like(blocks)
+                xt = x.t().contiguous()
+                for k, out in enumerate(grad_blocks[:p].view(n, b, d * b).unbind(0)):
+                    out.copy_(linear(xt[k * b:(k + 1) * b], gs[k].mT))
+                for k, out in enumerate(_slabs(grad_blocks, p, b)):
+                    out.copy_(linear(xt[(k + 1) * b:], gs[k].mT))
             else:
                 grad_blocks = torch.empty_like(blocks)
                 torch.bmm(x.view(rows, n, b).permute(1, 2, 0), g,
@@ -572,15 +591,25 @@ def _quadratic_forms_by_column_block(psi_m, psi_s, diag_blocks, slabs, block):
     forms = []
     for form, psi in enumerate((psi_m, psi_s)):
         total = None
-        for k in range(n):
-            proj = linear(psi[:, k * block:(k + 1) * block], diag_blocks[form * n + k].mT)
-            if k < n - 1:
-                proj.add_(linear(psi[:, (k + 1) * block:], slabs[form * (n - 1) + k].mT))
+        for proj in _column_block_projections(linear, psi, diag_blocks[form * n:(form + 1) * n],
+                                              slabs[form * (n - 1):(form + 1) * (n - 1)], block):
             proj = proj.view(rows, d, block)
             sq = torch.linalg.vecdot(proj, proj)  # (B, d): this block's share of q
             total = sq if total is None else total.add_(sq)
         forms.append(total)
     return forms[0], forms[1]
+
+
+def _column_block_projections(linear, psi, diag_blocks, slabs, block):
+    """P_K = psi_K D_K + psi[:, (K + 1) b:] S_K, (B, d b), for K = 0 .. n - 1, each as two
+    products ``linear(x, W) = x W^T`` with the weights read transposed in place (D_K, (b,
+    d b), and S_K, (p - (K + 1) b, d b), are contiguous)."""
+    n = len(diag_blocks)
+    for k in range(n):
+        proj = linear(psi[:, k * block:(k + 1) * block], diag_blocks[k].mT)
+        if k < n - 1:
+            proj.add_(linear(psi[:, (k + 1) * block:], slabs[k].mT))
+        yield proj
 
 
 def kl_to_standard_normal(mean: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
