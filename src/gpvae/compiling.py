@@ -59,8 +59,9 @@ Options
 ``--compile off`` (eager), ``on`` (compiled where it works), ``auto`` (the default of
 train and evaluate): on for CUDA for a method whose class says a GPU run measured that
 compilation pays off (``compile_auto_on_cuda``: the VAE and the GPVAE, docs/benchmarks.md),
-off on a CPU (slower to start, no gain there) and for every other method until measured.  The benchmarks also take ``both`` (eager and
-compiled rows side by side, measured in one run).  Compilation is an execution option
+off on a CPU (slower to start, no gain there) and for every other method until measured.
+The benchmarks also take ``both`` (eager and compiled rows side by side, measured in one
+run).  Compilation is an execution option
 like ``--device``, not part of what a run is: it is not stored in config.json, changes
 no weight or checkpoint, and a run may be resumed with another setting (the numbers then
 differ from an uninterrupted run by float rounding only).
