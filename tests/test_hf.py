@@ -23,7 +23,7 @@ from torch.distributions import (
 
 from gpvae.errors import ConfigError
 from gpvae.evaluation import estimate, log_weights
-from gpvae.models.hf import HF, HFConfig
+from gpvae.models.hf import HF, HFConfig, HouseholderNormal
 from gpvae.networks import GaussianEncoder
 from helpers import Data, LinearDecoder, images
 
@@ -105,8 +105,23 @@ def test_zero_householder_vector_is_the_identity_not_nan():
     torch.testing.assert_close(q.mean, q.loc)
 
 
-def test_q_equals_the_closed_form_gaussian():
-    model = make_model(d=4, k=3)
+def test_one_reflection_variance_is_exact_where_one_dimension_dominates():
+    """HF(1)'s variance in O(d) (sums before and after i, no subtraction) equals the
+    brute-force diag(H D^2 H^T) to float32 rounding even for a reflection that swaps a wide
+    and a narrow dimension: Var_0 = sigma_1^2 = 1e-8, which 'sum over all j minus j = i'
+    would round to 0 in float32."""
+    u = torch.tensor([[[1.0, 1.0, 0.0]]]) / 2 ** 0.5  # (B=1, k=1, d=3)
+    sigma = torch.tensor([[1.0, 1e-4, 0.3]])
+    q = HouseholderNormal(torch.zeros(1, 3), sigma, u)
+    H = torch.eye(3) - 2 * u[0, 0][:, None] * u[0, 0][None, :]
+    exact = (H.double().square() * sigma.double().square()).sum(-1, keepdim=True).T
+    torch.testing.assert_close(q.variance.double(), exact, rtol=1e-6, atol=0)
+    torch.testing.assert_close(q.stddev[0, 0], torch.tensor(1e-4), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_q_equals_the_closed_form_gaussian(k):
+    model = make_model(d=4, k=k)
     x = images(3)
     q = model.posterior(x)
     ref = closed_form(model, x)
@@ -242,3 +257,5 @@ def test_extra_posterior_flops():
     model = HF(HFConfig(latent_dim=5, hf_flows=3), SHAPE)
     d, k = 5, 3
     assert model.extra_posterior_flops(2) == 2 * (7 * d * k + 4 * k * d * d + 3 * d * d + d)
+    one = HF(HFConfig(latent_dim=5, hf_flows=1), SHAPE)  # HF(1): the O(d) variance
+    assert one.extra_posterior_flops(2) == 2 * (7 * d + 13 * d + d)
