@@ -214,7 +214,7 @@ def _in_precision(fn, args, device, autocast: bool = True):
     return run
 
 
-def _variants(args, device) -> list[tuple[str, str, bool | str, bool]]:
+def _variants(args) -> list[tuple[str, str, bool | str, bool]]:
     """How ``--compile`` and ``--fused-trunks`` ask each model to be run: (row-name suffix,
     its compile part, compiled, fused trunks) per row; ``both`` gives two rows (eager and
     ``+compile``; three trunks and ``+fused``), timed side by side.  ``compiled`` is True or
@@ -326,7 +326,7 @@ def bench_inference(args) -> dict:
     names = list(specs)
     batches = _test_batches(args.dataset, args.data_dir, args.batch_size, args.limit_test, device)
     models, passes, refs, modes, units = {}, {}, {}, {}, {}
-    variants = _variants(args, device)
+    variants = _variants(args)
     for name, (method, options) in specs.items():
         torch.manual_seed(0)
         model = build_model(method, IMAGE_SHAPES[args.dataset], latent_dim=args.latent_dim,
@@ -426,7 +426,7 @@ def bench_train(args) -> dict:
         return run
 
     runs, models, refs, modes, units = {}, {}, {}, {}, {}
-    variants = _variants(args, device)
+    variants = _variants(args)
     for name, (method, options) in specs.items():
         torch.manual_seed(0)
         model = build_model(method, IMAGE_SHAPES[args.dataset], latent_dim=args.latent_dim,

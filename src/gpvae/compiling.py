@@ -141,10 +141,9 @@ def fused_trunks_enabled(option, device, model) -> bool:
 def apply_fused_trunks(model, option, device):
     """``model`` with its trunks fused or not as ``--fused-trunks OPTION`` says on ``device``
     (:func:`fused_trunks_enabled`); a model without trunks is returned unchanged."""
+    fused = fused_trunks_enabled(option, device, model)  # "on" without trunks is refused
     if model.supports_fused_trunks():
-        model.fuse_trunks(fused_trunks_enabled(option, device, model))
-    else:
-        fused_trunks_enabled(option, device, model)  # "on" is refused
+        model.fuse_trunks(fused)
     return model
 
 
