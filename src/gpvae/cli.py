@@ -566,6 +566,9 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .allocator import tune_cpu_allocator
+
+    tune_cpu_allocator()  # the same memory for the same batch, every batch (allocator.py)
     if getattr(args, "profile", False) and args.json:
         parser.error("--profile prints tables: it cannot be combined with --json")
     try:

@@ -120,7 +120,9 @@ def run_one(run: RunSpec, *, progress: bool = True, log=print,
     other BaseExceptions always propagate (the run resumes on the next call).
     """
     from .. import progress as progress_mod
+    from ..allocator import tune_cpu_allocator
 
+    tune_cpu_allocator()  # a grid worker (pool, Slurm, Ray) is not the gpvae command
     for attempt in range(retries + 1):
         try:
             with progress_mod.line_prefix(run.label):
