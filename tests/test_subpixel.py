@@ -402,3 +402,26 @@ def test_decoder_traces_as_one_graph():
     compiled = torch.compile(fast, fullgraph=True, backend="eager")
     with torch.no_grad():
         _close(compiled(z), plain(z))
+
+
+def test_taps_form_adds_whole_planes_in_evaluation_only(monkeypatch):
+    """Without autograd (outside torch.func) the taps form takes the planes path -- the
+    values are covered by every test above, which run it on plain operands -- and with a
+    weight that records gradients the differentiable one."""
+    from gpvae import subpixel
+
+    calls = []
+    real = subpixel._taps_by_planes
+    monkeypatch.setattr(subpixel, "_taps_by_planes",
+                        lambda *a: calls.append(1) or real(*a))
+    x, w, b = _operands(32, 1, 14, 14)
+    with torch.no_grad():
+        out = taps_conv_transpose2d(x, w, b)
+    assert calls == [1]
+    w.requires_grad_()
+    out_grad = taps_conv_transpose2d(x, w, b)
+    assert calls == [1] and out_grad.requires_grad
+    _close(out, out_grad)
+    with torch.no_grad():
+        vmap(lambda xi: taps_conv_transpose2d(xi, w, b))(x.unsqueeze(1))
+    assert calls == [1]  # torch.func: the out-of-place path

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .onednn import linear_kernel
 from .precision import upcast
 from .subpixel import (SubpixelConvTranspose2d, kernels_built_once,
                        set_deconv_impl)  # noqa: F401 (set_deconv_impl: re-export)
@@ -89,6 +90,27 @@ def set_channels_last(module: nn.Module, enabled: bool = True) -> nn.Module:
     return module
 
 
+class FastLinear(nn.Linear):
+    """``nn.Linear`` (the same parameters, state-dict keys and values to rounding) whose
+    product runs on oneDNN where nothing is differentiated on a CPU in float32
+    (:func:`gpvae.onednn.linear_kernel`: evaluation, SA's and VLAE's test-time passes, the
+    IWAE's decoder), and as ``F.linear`` everywhere else -- training, other dtypes and
+    devices, ``torch.func`` transforms, compiled or exported graphs.  ``fast = False``
+    always uses ``F.linear`` (:func:`set_plain_decoding`: the code as it was)."""
+
+    fast = True
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.fast:
+            return super().forward(input)
+        return linear_kernel(input, self.weight)(input, self.weight, self.bias)
+
+
+#: the Linear classes whose forward is exactly ``x W^T + b`` (what SA's and VLAE's written-out
+#: decoder derivatives assume of a layer)
+LINEARS = (nn.Linear, FastLinear)
+
+
 class EncoderTrunk(_ChannelsLast, nn.Module):
     """Convolutions + the first FC layer of the encoder: x (B,C,H,W) -> features (B, h).
 
@@ -102,7 +124,7 @@ class EncoderTrunk(_ChannelsLast, nn.Module):
         for c_out in arch.enc_channels:
             layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), _leaky()]
             c_in, size = c_out, (size + 2 - 4) // 2 + 1
-        layers += [nn.Flatten(), nn.Linear(c_in * size * size, arch.hidden), _leaky()]
+        layers += [nn.Flatten(), FastLinear(c_in * size * size, arch.hidden), _leaky()]
         self.net = nn.Sequential(*layers)
         self.out_features = arch.hidden
         self.use_channels_last(True)
@@ -125,7 +147,7 @@ class GaussianEncoder(nn.Module):
     def __init__(self, arch: Architecture, latent_dim: int, min_std: float = 1e-4):
         super().__init__()
         self.trunk = EncoderTrunk(arch)
-        self.head = nn.Linear(arch.hidden, 2 * latent_dim)
+        self.head = FastLinear(arch.hidden, 2 * latent_dim)
         self.latent_dim = latent_dim
         self.min_std = min_std
 
@@ -184,9 +206,9 @@ class ConvDecoder(_ChannelsLast, nn.Module):
         seed = arch.dec_seed
         self.seed_shape = seed
         self.fc = nn.Sequential(
-            nn.Linear(latent_dim, arch.hidden),
+            FastLinear(latent_dim, arch.hidden),
             DecoderReLU(inplace=True),
-            nn.Linear(arch.hidden, seed[0] * seed[1] * seed[2]),
+            FastLinear(arch.hidden, seed[0] * seed[1] * seed[2]),
             DecoderReLU(inplace=True),
         )
         layers: list[nn.Module] = []
@@ -250,7 +272,8 @@ class ConvDecoder(_ChannelsLast, nn.Module):
 
 def set_plain_decoding(module: nn.Module, plain: bool = True) -> nn.Module:
     """Every :class:`ConvDecoder` inside ``module`` decoding as it did before its speed-ups
-    (``plain``: native transposed convolutions, out-of-place ReLUs, one pass per call -- the
+    (``plain``: native transposed convolutions, out-of-place ReLUs, one pass per call,
+    ``F.linear`` products (:class:`FastLinear`) -- the
     baseline ``gpvae bench-iwae`` times) or with them (the defaults: :func:`set_deconv_impl`
     ``"auto"``, :func:`set_inplace_relu`, :func:`set_eval_block_bytes` of
     :attr:`ConvDecoder.EVAL_BLOCK_BYTES`); returns ``module``.  The values are the same to
@@ -260,6 +283,9 @@ def set_plain_decoding(module: nn.Module, plain: bool = True) -> nn.Module:
             set_deconv_impl(dec, "native" if plain else "auto")
             set_inplace_relu(dec, not plain)
             set_eval_block_bytes(dec, None if plain else ConvDecoder.EVAL_BLOCK_BYTES)
+            for m in dec.modules():
+                if isinstance(m, FastLinear):
+                    m.fast = not plain
     return module
 
 
@@ -310,11 +336,11 @@ class FCDecoder(nn.Module):
         super().__init__()
         width = width or fc_decoder_width(arch, latent_dim)
         self.net = nn.Sequential(
-            nn.Linear(latent_dim, width),
+            FastLinear(latent_dim, width),
             nn.ReLU(),
-            nn.Linear(width, width),
+            FastLinear(width, width),
             nn.ReLU(),
-            nn.Linear(width, math.prod(arch.image_shape)),
+            FastLinear(width, math.prod(arch.image_shape)),
         )
         self.image_shape = arch.image_shape
         self.width = width

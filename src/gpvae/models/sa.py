@@ -83,7 +83,7 @@ from torch.nn import functional as F
 from ..errors import ConfigError
 from ..flops import forward_flops
 from ..likelihoods import BernoulliLikelihood, GaussianLikelihood
-from ..networks import ConvDecoder, FCDecoder, GaussianEncoder
+from ..networks import LINEARS, ConvDecoder, FCDecoder, GaussianEncoder
 from ..precision import autocast_enabled
 from .base import LatentVariableModel, ModelConfig, check_config_type
 from ..onednn import fast_linear
@@ -289,7 +289,8 @@ def log_likelihood_grad(likelihood, x: torch.Tensor, out: torch.Tensor,
 def relu_chain(decoder: nn.Module) -> list[nn.Module] | None:
     """The layers of a Tab. 6-8 (:class:`~gpvae.networks.ConvDecoder`) or Sec. 11
     (:class:`~gpvae.networks.FCDecoder`) decoder in the order its forward runs them --
-    weight layers (``nn.Linear``, ``nn.ConvTranspose2d`` with one group and zero padding)
+    weight layers (``nn.Linear`` or :class:`~gpvae.networks.FastLinear`, ``nn.ConvTranspose2d``
+    with one group and zero padding)
     alternating with ReLUs (``nn.ReLU`` or a subclass, e.g. an in-place one) -- when it is
     exactly one of those classes built of those layers; else None
     (:func:`decoder_log_likelihood_grad` then uses autograd)."""
@@ -303,7 +304,7 @@ def relu_chain(decoder: nn.Module) -> list[nn.Module] | None:
     if len(layers) % 2 == 0 or not all(isinstance(m, nn.ReLU) for m in relus):
         return None
     for m in weights:
-        if type(m) is nn.Linear:
+        if type(m) in LINEARS:
             continue
         if not (isinstance(m, nn.ConvTranspose2d) and m.groups == 1
                 and m.padding_mode == "zeros"):

@@ -63,7 +63,7 @@ from torch.func import jacfwd
 from ..errors import ConfigError
 from ..flops import forward_flops
 from ..likelihoods import BernoulliLikelihood, GaussianLikelihood
-from ..networks import Architecture, ConvDecoder, EncoderTrunk, FCDecoder
+from ..networks import LINEARS, Architecture, ConvDecoder, EncoderTrunk, FCDecoder
 from ..onednn import fast_linear
 from ..precision import fp32_function, upcast
 from .base import LatentVariableModel, ModelConfig, check_config_type
@@ -256,19 +256,20 @@ def _first_linear_flops(decoder: nn.Module) -> int:
         first = decoder.fc[0]
     else:
         return 0
-    return 2 * first.in_features * first.out_features if type(first) is nn.Linear else 0
+    return 2 * first.in_features * first.out_features if type(first) in LINEARS else 0
 
 
 def mlp_layers(decoder: nn.Module) -> tuple[list[nn.Linear], list[nn.ReLU]] | None:
     """(Linear layers, ReLUs) of a fully connected ReLU decoder -- a
     :class:`~gpvae.networks.FCDecoder` (exactly that class) whose ``net`` alternates
-    ``nn.Linear`` and ReLUs (``nn.ReLU`` or a subclass), starting and ending with a Linear --
+    Linear layers (``nn.Linear`` or :class:`~gpvae.networks.FastLinear`: the same function)
+    and ReLUs (``nn.ReLU`` or a subclass), starting and ending with a Linear --
     else None."""
     if type(decoder) is not FCDecoder:
         return None
     mods = list(decoder.net)
     linears, relus = mods[0::2], mods[1::2]
-    if (len(mods) % 2 == 0 or any(type(m) is not nn.Linear for m in linears)
+    if (len(mods) % 2 == 0 or any(type(m) not in LINEARS for m in linears)
             or not all(isinstance(m, nn.ReLU) for m in relus)):
         return None
     return linears, relus
