@@ -124,3 +124,18 @@ def test_every_fc_layer_of_the_networks_is_a_fast_linear(monkeypatch, shape):
         set_plain_decoding(nets[1], plain=False)
         nets[1](torch.randn(2, 10))
         assert len(linear_calls()) == len(weights) + 2
+
+
+def test_exported_networks_keep_the_portable_product():
+    """torch.export of an encoder and a decoder without autograd (as ``gpvae export`` runs
+    it): the graph holds PyTorch's own linear, never the CPU-only oneDNN op FastLinear
+    takes in eager evaluation, and never the taps form's in-place planes."""
+    arch = architecture_for((1, 28, 28))
+    for net, example in [(GaussianEncoder(arch, 10).eval(), torch.rand(2, 1, 28, 28)),
+                         (ConvDecoder(arch, 10).eval(), torch.randn(2, 10))]:
+        with torch.no_grad():
+            program = torch.export.export(net, (example,))
+            torch.testing.assert_close(program.module()(example), net(example))
+        targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+        assert any("linear" in t or "addmm" in t for t in targets), targets
+        assert not any("mkldnn" in t for t in targets), targets
