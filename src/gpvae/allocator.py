@@ -1,14 +1,15 @@
 """The C library's memory allocator, set for PyTorch's CPU work (glibc on Linux).
 
 PyTorch's CPU tensors come from ``malloc``.  glibc serves a request above its *mmap
-threshold* with a fresh ``mmap`` and returns it to the system on ``free``; every page of
-such a block then costs a page fault (the kernel zeroes it) the first time it is written.
-The threshold adapts -- freeing an mmapped block raises it to that block's size -- but a
-block of exactly the size just freed is still mmapped again, so a network that allocates
-the same activation sizes batch after batch can pay for a fresh mmap and ~800 page faults
-per 3 MB activation on every call -- or not, depending on what the process happened to
-free earlier.  A timing then depends on the process's history, not just on the code
-(measured: docs/benchmarks.md, "The memory allocator").
+threshold* with a fresh ``mmap`` (returned to the system on ``free``), and hands free memory
+at the top of its heap beyond the *trim threshold* back to the system; either way the next
+batch's activations are faulted in again page by page (the kernel zeroes each page).  Both
+thresholds adapt to what the process has freed so far (freeing an mmapped block raises the
+mmap threshold to its size and the trim threshold to twice that), so a network that
+allocates the same activations batch after batch may pay ~800 page faults per 3 MB
+activation on every call -- or none, depending on what the process happened to free
+earlier.  A timing then depends on the process's history, not just on the code (measured:
+docs/benchmarks.md, "The memory allocator").
 
 :func:`tune_cpu_allocator` fixes the thresholds (``mallopt``): blocks below
 ``mmap_threshold`` (32 MiB, glibc's largest adaptive value) come from the heap and are
