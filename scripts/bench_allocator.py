@@ -2,7 +2,7 @@
 allocator settings and with :func:`gpvae.allocator.tune_cpu_allocator`, each in a fresh
 process (the allocator's state is the process's history, so nothing else may run first).
 
-    python scripts/bench_allocator.py [--calls 40]
+    .venv/bin/python scripts/bench_allocator.py [--calls 40]
 
 Each process builds a VAE (``gpvae.models.build_model``, as a user's script would), calls
 the trunk a few times to warm up, then prints the minor page faults per call and the best
