@@ -1,5 +1,6 @@
 """Small stand-ins shared by the per-method tests (imported as ``helpers``: pytest puts
 tests/ on sys.path)."""
+import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -7,6 +8,19 @@ from torch.utils.flop_counter import flop_registry
 
 SHAPE = (1, 28, 28)
 D = 28 * 28
+
+
+def cli_usage_error(argv, capsys) -> str:
+    """The one line ``gpvae ARGV`` prints on stderr when its parser refuses a flag (exit
+    status 2, before any work); fails unless it is exactly one line."""
+    from gpvae.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1, err
+    return err[0]
 
 
 class Data:

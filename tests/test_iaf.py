@@ -358,8 +358,6 @@ def test_evaluation_sees_every_weight_update_even_without_a_version_bump():
 
 
 def test_float32_q_with_onednn_products_is_the_blas_one(monkeypatch):
-    from gpvae.models import vlae as vlae_module
-
     model = make_model(d=6, k=3, ctx=5, hidden=16, dtype=torch.float32)
     x = images(4, dtype=torch.float32)
 

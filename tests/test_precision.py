@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from helpers import Data, images
+from helpers import Data, cli_usage_error, images
 
 from gpvae.cholesky import (_diagonal_blocks, _quadratic_and_frobenius, _slabs,
                             blocked_frobenius, blocked_to_dense, chol_block_size,
@@ -269,16 +269,11 @@ def test_tf32_context_sets_and_restores_the_global_flags():
 
 # --- bad values: one-line errors before any work ---------------------------------------------
 def test_bad_precision_is_a_one_line_error_before_any_work(tmp_path, capsys, monkeypatch):
-    from gpvae.cli import main
-
     for argv in (["train", "--out", str(tmp_path / "r"), "--precision", "fp16"],
                  ["evaluate", str(tmp_path), "--precision", "half"],
                  ["bench-train", "--precision", "bf32"]):
-        with pytest.raises(SystemExit) as exc:
-            main(argv)
-        assert exc.value.code == 2
-        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-        assert len(err) == 1 and "--precision" in err[0] and "bf16" in err[0], err
+        err = cli_usage_error(argv, capsys)
+        assert "--precision" in err and "bf16" in err, err
     cfg = TrainConfig(out=str(tmp_path / "r"), precision="fp16", device="cpu")
     with pytest.raises(ConfigError, match="--precision must be one of fp32, tf32, bf16"):
         train(cfg, progress=False)

@@ -20,7 +20,6 @@ from gpvae.evaluation import estimate
 from gpvae.flops import forward_flops
 from gpvae.likelihoods import GaussianLikelihood
 from gpvae.models import sa as sa_module
-from gpvae.models import vlae as vlae_module
 from gpvae.models.sa import SA, SAConfig
 from gpvae.models.vae import VAE, VAEConfig
 from helpers import CountFlops, TanhDecoder, images

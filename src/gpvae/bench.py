@@ -28,7 +28,7 @@ from .flops import forward_flops
 from .models import build_model, parse_model_list, parse_model_spec
 from .models.base import posterior_without_grad, without_grad
 from .networks import set_channels_last, set_plain_decoding
-from .precision import autocast_context, check_precision, precision_context, upcast
+from .precision import check_precision, precision_context
 from .training import make_adam
 
 
@@ -401,28 +401,18 @@ def bench_train(args) -> dict:
     x = train_data.batch(slice(0, args.batch_size), device)
 
     def make_steps(model, opt, compiled=False):
+        """``args.steps`` training steps as the trainer takes them
+        (:class:`gpvae.compiling.TrainingStep`, compiled or eager, then Adam)."""
         xm = x.to(*model_device_dtype(model, device))  # the model's device and dtype
-        if compiled:  # the trainer's compiled step (gpvae.compiling.TrainingStep)
-            step = TrainingStep(model, opt, 50_000, True, device,
-                                precision=getattr(args, "precision", "fp32"))
-
-            def compiled_steps():
-                for _ in range(args.steps):
-                    step(xm)
-                    opt.step()
-            run = _in_precision(compiled_steps, args, device, autocast=False)
-            run.unit = step.runner  # its .failure: did it fall back?
-            return run
+        step = TrainingStep(model, opt, 50_000, compiled, device,
+                            precision=getattr(args, "precision", "fp32"))
 
         def steps():
             for _ in range(args.steps):
-                with autocast_context(getattr(args, "precision", "fp32"), device):
-                    obj, _ = model.training_objective(xm, 50_000)
-                opt.zero_grad(set_to_none=True)
-                (-upcast(obj).mean()).backward()
+                step(xm)
                 opt.step()
         run = _in_precision(steps, args, device, autocast=False)  # as gpvae.training
-        run.unit = None
+        run.unit = step.runner  # compiled: its .failure says whether it fell back
         return run
 
     runs, models, refs, modes, units = {}, {}, {}, {}, {}

@@ -355,6 +355,8 @@ def posterior_pass_function(model, device, log=None) -> Callable:
 
 # --- the training step ---------------------------------------------------------------------
 def _training_loss(model, x, n_train: int):
+    """-mean(objective) and the diagnostics; the mean of the objective in float32 (or
+    wider: :func:`gpvae.precision.upcast`) also under bf16 autocast."""
     objective, diag = model.training_objective(x, n_train)
     return -upcast(objective).mean(), diag
 
@@ -363,9 +365,9 @@ class TrainingStep:
     """One training step's forward and backward pass: ``step(x)`` zeroes the gradients,
     computes ``loss = -mean(model.training_objective(x, n_train))`` (the objective under
     ``precision``'s autocast, :func:`gpvae.precision.autocast_context`; the mean in float32),
-    runs ``loss.backward()`` and returns ``(loss, diagnostics)`` -- compiled when
-    ``enabled`` (see the module docstring), else exactly the eager code.  The caller checks
-    the loss and gradients and steps the optimizer."""
+    runs ``loss.backward()`` (outside autocast) and returns ``(loss, diagnostics)`` --
+    compiled when ``enabled`` (see the module docstring), else the same code eagerly.  The
+    caller checks the loss and gradients and steps the optimizer."""
 
     def __init__(self, model, optimizer, n_train: int, enabled: bool, device=None, log=None,
                  precision: str = "fp32"):
@@ -383,6 +385,7 @@ class TrainingStep:
             self.runner = fallback(_training_loss, f"the training step of "
                                    f"{type(model).__name__}", self.device, log, new_step=True,
                                    wrap=self._with_backward)
+        self._eager = self._with_backward(_training_loss)
 
     def _with_backward(self, forward: Callable) -> Callable:
         def step(model, x, n_train):
@@ -394,11 +397,5 @@ class TrainingStep:
         return step
 
     def __call__(self, x: torch.Tensor):
-        if self.runner is not None:
-            return self.runner(self.model, x, self.n_train)
-        with autocast_context(self.precision, self.device):
-            objective, diag = self.model.training_objective(x, self.n_train)
-        loss = -upcast(objective).mean()  # float32 (or wider), outside autocast
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        return loss, diag
+        run = self.runner if self.runner is not None else self._eager
+        return run(self.model, x, self.n_train)

@@ -21,6 +21,7 @@ parameter count equals the convolutional decoder's (:func:`fc_decoder_width`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .onednn import linear_kernel
+from .onednn import fast_linear
 from .precision import upcast
 from .subpixel import (SubpixelConvTranspose2d, kernels_built_once,
                        set_deconv_impl)  # noqa: F401 (set_deconv_impl: re-export)
@@ -93,7 +94,7 @@ def set_channels_last(module: nn.Module, enabled: bool = True) -> nn.Module:
 class FastLinear(nn.Linear):
     """``nn.Linear`` (the same parameters, state-dict keys and values to rounding) whose
     product runs on oneDNN where nothing is differentiated on a CPU in float32
-    (:func:`gpvae.onednn.linear_kernel`: evaluation, SA's and VLAE's test-time passes, the
+    (:func:`gpvae.onednn.fast_linear`: evaluation, SA's and VLAE's test-time passes, the
     IWAE's decoder), and as ``F.linear`` everywhere else -- training, other dtypes and
     devices, ``torch.func`` transforms, compiled or exported graphs.  ``fast = False``
     always uses ``F.linear`` (:func:`set_plain_decoding`: the code as it was)."""
@@ -103,7 +104,7 @@ class FastLinear(nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.fast and input.is_cpu):  # (on a GPU: no checks added to the launch path)
             return super().forward(input)
-        return linear_kernel(input, self.weight)(input, self.weight, self.bias)
+        return fast_linear(input, self.weight, self.bias)
 
 
 #: the Linear classes whose forward is exactly ``x W^T + b`` (what SA's and VLAE's written-out
@@ -268,6 +269,22 @@ class ConvDecoder(_ChannelsLast, nn.Module):
         if self.channels_last:
             h = h.contiguous(memory_format=torch.channels_last)
         return self.deconv(h)
+
+
+@contextlib.contextmanager
+def recorded_outputs(modules):
+    """Within the block, the outputs of each of ``modules`` as they run: one list per module,
+    in call order (several entries when a decoder runs its layers on blocks of z's).  The
+    hooks are removed when the block ends, however it ends.  For the written-out decoder
+    derivatives (SA's backward pass, VLAE's Jacobian), which need the ReLUs' outputs."""
+    outputs: list[list[torch.Tensor]] = [[] for _ in modules]
+    handles = [m.register_forward_hook(lambda mod, args, out, j=j: outputs[j].append(out))
+               for j, m in enumerate(modules)]
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def set_plain_decoding(module: nn.Module, plain: bool = True) -> nn.Module:

@@ -33,7 +33,7 @@ The policy
     dtype of their float32 operands;
   - evaluation: the log importance weights are float32 and their logsumexp and means are
     taken in float64 outside autocast (:func:`gpvae.evaluation.estimate`); training: the
-    batch mean of the per-example ELBO is taken in float32 outside autocast.
+    per-example ELBO is cast to float32 before its batch mean is taken.
 
   On CPU, bfloat16 autocast works on any processor, but is fast only where the processor
   has bfloat16 instructions (AMX / AVX512-BF16); elsewhere it can be slower than fp32.

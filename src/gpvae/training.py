@@ -10,9 +10,9 @@ unfinished epoch exactly and ends with the same weights and metrics as an uninte
 
 Precision (``cfg.precision``, :mod:`gpvae.precision`): the TF32 flags of a ``tf32`` run are
 set for the whole of training (forward, backward, optimizer step) and restored after it; a
-``bf16`` run computes each step's objective under bfloat16 autocast and everything else --
-the batch mean of the per-example objective, backward, the NaN/inf guard, Adam on the
-float32 weights -- outside it.  The validation ELBO is scored in the run's precision.
+``bf16`` run computes each step's objective under bfloat16 autocast (its batch mean in
+float32) and everything else -- backward, the NaN/inf guard, Adam on the float32 weights --
+outside it.  The validation ELBO is scored in the run's precision.
 """
 from __future__ import annotations
 

@@ -266,8 +266,7 @@ class LatentVariableModel(nn.Module):
     def prior(self, like: torch.Tensor) -> Distribution:
         """p(z) = N(0, I) (eq. 1), on the device/dtype of ``like``."""
         zeros = like.new_zeros(self.latent_dim)
-        return Independent(Normal(zeros, torch.ones_like(zeros), validate_args=False), 1,
-                           validate_args=False)  # valid by construction: no device sync
+        return diagonal_normal(zeros, torch.ones_like(zeros))
 
     def log_prior(self, z: torch.Tensor) -> torch.Tensor:
         """log N(z; 0, I) summed over the last dimension."""
@@ -295,6 +294,13 @@ class LatentVariableModel(nn.Module):
         rec = self.log_likelihood(x, z)
         kl = kl_to_prior(q, self.prior(z), z)
         return rec - kl, {"rec": rec.mean().detach(), "kl": kl.mean().detach()}
+
+
+def diagonal_normal(mean: torch.Tensor, std: torch.Tensor) -> Independent:
+    """N(mean, Diag(std^2)) over the last dimension, the q(z|x) of the diagonal-Gaussian
+    methods, without argument checks: the methods build valid parameters by construction,
+    and each check is a device-to-host sync (which a CUDA graph cannot capture)."""
+    return Independent(Normal(mean, std, validate_args=False), 1, validate_args=False)
 
 
 def without_grad(model, fn: Callable[[torch.Tensor], T], x: torch.Tensor) -> T:

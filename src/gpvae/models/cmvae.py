@@ -62,11 +62,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.distributions import Independent, Normal
+from torch.distributions import Independent
 
 from ..networks import EncoderTrunk, GaussianEncoder
 from ..precision import fp32_function
-from .base import LatentVariableModel, ModelConfig, check_config_type
+from .base import LatentVariableModel, ModelConfig, check_config_type, diagonal_normal
 
 #: ``torch.addmm`` in float32 under bf16 autocast, as the GPVAE's eq. (13) (gpvae.precision)
 _fp32_addmm = fp32_function(torch.addmm)
@@ -114,8 +114,7 @@ class CMVAE(LatentVariableModel):
     def posterior(self, x: torch.Tensor) -> Independent:
         """q(z|x) = N(m, Diag(std^2)), std = :func:`floored_abs` (c + C psi^s)."""
         m, a = self.mean_and_scale(x)
-        return Independent(Normal(m, floored_abs(a), validate_args=False), 1,
-                           validate_args=False)
+        return diagonal_normal(m, floored_abs(a))
 
     def extra_posterior_flops(self, batch_size: int = 1) -> int:
         """The two products A psi^m, C psi^s (2 x 2dp per image); the networks are counted

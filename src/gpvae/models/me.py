@@ -47,7 +47,7 @@ from torch.distributions import Categorical, Independent, MixtureSameFamily, Nor
 from ..errors import ConfigError
 from ..networks import GaussianEncoder
 from ..precision import upcast
-from .base import LatentVariableModel, ModelConfig, check_config_type
+from .base import LatentVariableModel, ModelConfig, check_config_type, diagonal_normal
 
 
 @dataclass
@@ -148,7 +148,7 @@ class ME(LatentVariableModel):
         """q(z|x): a :class:`GaussianMixture`; for M = 1 the VAE's ``Independent(Normal)``."""
         if self.components == 1:
             mean, std = self.encoder(x)
-            return Independent(Normal(mean, std, validate_args=False), 1, validate_args=False)
+            return diagonal_normal(mean, std)
         features = self.encoder.trunk(x)
         raw = torch.cat([self.encoder.head(features).unsqueeze(-2),
                          self.component_heads(features).unflatten(

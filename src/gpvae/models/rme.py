@@ -104,7 +104,8 @@ from torch.nn import functional as F
 from ..errors import ConfigError
 from ..networks import GaussianEncoder
 from ..precision import upcast
-from .base import LatentVariableModel, ModelConfig, check_config_type, kl_to_prior
+from .base import (LatentVariableModel, ModelConfig, check_config_type, diagonal_normal,
+                   kl_to_prior)
 from .me import GaussianMixture
 
 EARLIER_CHOICES = ("frozen", "trained")
@@ -285,7 +286,7 @@ class RME(LatentVariableModel):
         k = self.stage
         if k == 1:
             mean, std = self.encoder(x)
-            return Independent(Normal(mean, std, validate_args=False), 1, validate_args=False)
+            return diagonal_normal(mean, std)
         mean, std, eps = self.parts(x, k)
         return GaussianMixture(mixture_log_weights(eps), mean, std, validate_args=False)
 

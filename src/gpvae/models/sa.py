@@ -77,15 +77,15 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from torch.distributions import Independent, Normal
+from torch.distributions import Independent
 from torch.nn import functional as F
 
 from ..errors import ConfigError
 from ..flops import forward_flops
 from ..likelihoods import BernoulliLikelihood, GaussianLikelihood
-from ..networks import LINEARS, ConvDecoder, FCDecoder, GaussianEncoder
+from ..networks import LINEARS, ConvDecoder, FCDecoder, GaussianEncoder, recorded_outputs
 from ..precision import autocast_enabled
-from .base import LatentVariableModel, ModelConfig, check_config_type
+from .base import LatentVariableModel, ModelConfig, check_config_type, diagonal_normal
 from ..onednn import fast_linear
 
 SA_NOISE = ("fresh", "shared")
@@ -164,7 +164,7 @@ class SA(LatentVariableModel):
         """
         if self.config.sa_steps == 0:
             mean, std = self.encoder(x)
-            return Independent(Normal(mean, std, validate_args=False), 1, validate_args=False)
+            return diagonal_normal(mean, std)
         keep_graph = self.training and torch.is_grad_enabled()
         with torch.inference_mode(False), torch.enable_grad():
             if x.is_inference():
@@ -173,8 +173,7 @@ class SA(LatentVariableModel):
                 mean, std = self.encoder(x)
                 logvar = 2 * torch.log(std)
             mu, logvar = self.refine(x, mean, logvar, create_graph=keep_graph)
-        return Independent(Normal(mu, torch.exp(0.5 * logvar), validate_args=False), 1,
-                           validate_args=False)
+        return diagonal_normal(mu, torch.exp(0.5 * logvar))
 
     def instance_elbo(self, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
                       eps: torch.Tensor) -> torch.Tensor:
@@ -331,16 +330,8 @@ def decoder_log_likelihood_grad(model, x: torch.Tensor, z: torch.Tensor,
         layers = relu_chain(model.decoder)
     if layers is None:
         return decoder_log_likelihood_grad_autograd(model, x, z, create_graph)
-    relus = layers[1::2]
-    acts: list[list[torch.Tensor]] = [[] for _ in relus]  # each ReLU's outputs, in order
-    handles = [r.register_forward_hook(lambda m, i, o, j=j: acts[j].append(o))
-               for j, r in enumerate(relus)]
-    try:
-        with torch.no_grad():
-            out = model.decode(z)
-    finally:
-        for h in handles:
-            h.remove()
+    with recorded_outputs(layers[1::2]) as acts, torch.no_grad():  # each ReLU's outputs
+        out = model.decode(z)
     # a decoder may run its layers on blocks of the z's (cache blocking): the backward
     # pass then goes block by block too, over the same rows
     sizes = [a.shape[0] for a in acts[0]]

@@ -6,10 +6,10 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from torch.distributions import Independent, Normal
+from torch.distributions import Independent
 
 from ..networks import GaussianEncoder
-from .base import LatentVariableModel, ModelConfig
+from .base import LatentVariableModel, ModelConfig, diagonal_normal
 
 
 @dataclass
@@ -29,7 +29,7 @@ class VAE(LatentVariableModel):
 
     def posterior(self, x: torch.Tensor) -> Independent:
         mean, std = self.encoder(x)
-        return Independent(Normal(mean, std, validate_args=False), 1, validate_args=False)
+        return diagonal_normal(mean, std)
 
     def fused_encoder(self) -> torch.nn.Module:
         """x -> (mean, variance) of q(z|x), for :mod:`gpvae.export` (a copy of the encoder)."""

@@ -63,7 +63,8 @@ from torch.func import jacfwd
 from ..errors import ConfigError
 from ..flops import forward_flops
 from ..likelihoods import BernoulliLikelihood, GaussianLikelihood
-from ..networks import LINEARS, Architecture, ConvDecoder, EncoderTrunk, FCDecoder
+from ..networks import (LINEARS, Architecture, ConvDecoder, EncoderTrunk, FCDecoder,
+                        recorded_outputs)
 from ..onednn import fast_linear
 from ..precision import fp32_function, upcast
 from .base import LatentVariableModel, ModelConfig, check_config_type
@@ -289,14 +290,8 @@ def mlp_jacobian(decoder: nn.Module, layers: tuple[list[nn.Linear], list[nn.ReLU
     input with its all-zero weight tangent, and with J^T (B, d, D) contiguous.  Plain
     differentiable operations: autograd (training) goes through them as through jacfwd."""
     linears, relus = layers
-    blocks: list[list[torch.Tensor]] = [[] for _ in relus]  # each ReLU's outputs, in order
-    handles = [r.register_forward_hook(lambda m, i, o, j=j: blocks[j].append(o))
-               for j, r in enumerate(relus)]
-    try:
+    with recorded_outputs(relus) as blocks:  # each ReLU's outputs, in order
         out = decode(mu).flatten(1)
-    finally:
-        for h in handles:
-            h.remove()
     # a decoder that ran its layers on blocks of the z's: their rows, in order
     acts = [b[0] if len(b) == 1 else torch.cat(b) for b in blocks if b]
     if len(acts) != len(relus) or any(a.shape[0] != mu.shape[0] for a in acts):
