@@ -98,3 +98,26 @@ def test_compare_refuses_runs_trained_longer_than_asked(tmp_path):
     compare(["vae"], [0], epochs=2, **kw)
     with pytest.raises(ConfigError, match="already trained 2 epochs"):
         compare(["vae"], [0], epochs=1, **kw)
+
+
+def test_compare_refuses_a_rerun_with_other_settings_and_changes_nothing(tmp_path):
+    """A finished run in OUT/MODEL/seedS is reused only for the same settings: a rerun of
+    the comparison with another latent dimension, training set size or data set must not
+    report the old runs' scores under the new settings."""
+    from gpvae.errors import ConfigError
+
+    kw = dict(out=tmp_path / "cmp", epochs=1, limit_test=10, iwae_samples=2, device="cpu",
+              progress=False, log=lambda m: None)
+    compare(["vae"], [0], latent_dim=2, limit_train=100, **kw)
+    run = tmp_path / "cmp" / "vae" / "seed0"
+    before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()}
+    results = (tmp_path / "cmp" / "results.json").read_bytes()
+    with pytest.raises(ConfigError, match=r"model_options.latent_dim 2 -> 3.*another --out"):
+        compare(["vae"], [0], latent_dim=3, limit_train=100, **kw)
+    with pytest.raises(ConfigError, match=r"limit_train 100 -> 50"):
+        compare(["vae"], [0], latent_dim=2, limit_train=50, **kw)
+    assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()} == before
+    assert (tmp_path / "cmp" / "results.json").read_bytes() == results
+    # more epochs continue the same runs
+    compare(["vae"], [0], latent_dim=2, limit_train=100, **{**kw, "epochs": 2})
+    assert read_config(run).epochs == 2

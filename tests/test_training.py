@@ -87,7 +87,10 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path):
         train(cfg, progress=False)
     # resuming with a changed model option is refused, with the option named
     cfg.model_options = {"latent_dim": 3}
-    with pytest.raises(ConfigError, match="model_options"):
+    with pytest.raises(ConfigError, match=r"model_options.latent_dim 2 -> 3"):
+        train(cfg, resume=True, progress=False)
+    cfg.model_options, cfg.lr = {"latent_dim": 2}, 1e-3
+    with pytest.raises(ConfigError, match=r"\(lr 0.0005 -> 0.001\)"):
         train(cfg, resume=True, progress=False)
 
 

@@ -213,6 +213,30 @@ def read_config(run_dir) -> TrainConfig:
     return cfg
 
 
+#: the settings a run may change when it is continued (``--resume``, a rerun of a grid or a
+#: comparison): how long, where it runs and where its data lie -- not what is trained
+MUTABLE_FIELDS = ("epochs", "device", "out", "data_dir")
+
+
+def config_differences(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
+    """How ``wanted`` differs from the stored ``saved`` configuration of the same run, one
+    ``"name saved -> wanted"`` string per setting (model options named one by one), apart
+    from :data:`MUTABLE_FIELDS`; empty when ``wanted`` may continue ``saved``."""
+    old, new = saved.__dict__, wanted.__dict__
+    out = []
+    for f in fields(TrainConfig):
+        k = f.name
+        if k in MUTABLE_FIELDS or old[k] == new[k]:
+            continue
+        if k == "model_options" and old["model"] == new["model"]:
+            a, b = old[k], new[k]
+            out += [f"{k}.{o} {a.get(o, '(unset)')!r} -> {b.get(o, '(unset)')!r}"
+                    for o in sorted(a.keys() | b.keys()) if a.get(o) != b.get(o)]
+        else:
+            out.append(f"{k} {old[k]!r} -> {new[k]!r}")
+    return out
+
+
 def build_from_config(cfg: TrainConfig, image_shape):
     """The (freshly initialised) model a run's configuration describes."""
     from .models import build_model

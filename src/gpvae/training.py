@@ -35,7 +35,8 @@ from .evaluation import estimate
 from .precision import check_precision, precision_context
 from .progress import progress_bar
 from .rundir import (BEST, CONFIG_FILE, LAST, METRICS, RUN_FILES, TrainConfig,
-                     build_from_config, locked_run_dir, read_config, require_empty)
+                     build_from_config, config_differences, locked_run_dir, read_config,
+                     require_empty)
 
 #: the trainer's own columns of metrics.csv; a model's :meth:`epoch_summary` keys come
 #: between ``valid_elbo`` and ``seconds`` (:func:`metric_fields`)
@@ -232,15 +233,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     with locked_run_dir(out, create=not resume):
         done = 0
         if resume:
-            saved = read_config(out)
-            mutable = {"epochs", "device", "out", "data_dir"}
-            fixed = {k: v for k, v in asdict(cfg).items() if k not in mutable}
-            differ = sorted(k for k, v in asdict(saved).items()
-                            if k not in mutable and fixed.get(k) != v)
+            differ = config_differences(read_config(out), cfg)
             if differ:
-                raise ConfigError(f"--resume: {', '.join(differ)} differ from the run in {out} "
-                                  "(only --epochs, --device and --data-dir may change when "
-                                  "resuming)")
+                raise ConfigError(f"--resume: the run in {out} was trained with other settings "
+                                  f"({'; '.join(differ)}); only --epochs, --device and "
+                                  "--data-dir may change when resuming (nothing was changed)")
             last_meta = read_checkpoint(out / LAST)[2] if (out / LAST).is_file() else {}
             done = int(last_meta.get("epoch", 0))
             if cfg.epochs < done:

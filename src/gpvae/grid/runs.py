@@ -28,7 +28,8 @@ from pathlib import Path
 from ..checkpoint import atomic_write_text, read_checkpoint
 from ..errors import ConfigError, GpvaeError, describe
 from ..evaluation import estimate
-from ..rundir import CONFIG_FILE, LAST, LOCK_FILE, TrainConfig, load_run, run_test_split
+from ..rundir import (CONFIG_FILE, LAST, LOCK_FILE, TrainConfig, config_differences,
+                      load_run, read_config, run_test_split)
 from ..training import train
 
 EVAL_FILE = "eval.json"
@@ -146,10 +147,17 @@ def _attempt(run: RunSpec, progress: bool, log) -> dict:
     from ..devices import resolve_device
     from ..rundir import locked_run_dir
 
+    d, cfg = run.run_dir, run.cfg
+    if (d / CONFIG_FILE).is_file():  # an earlier run here: it must be this one
+        differ = config_differences(read_config(d), cfg)
+        if differ:
+            raise ConfigError(f"{d} holds a run trained with other settings "
+                              f"({'; '.join(differ)}); a rerun may add epochs, seeds, models "
+                              "or runs, not change what a run is: use another --out "
+                              "(nothing was changed)")
     ev = finished_eval(run)
     if ev is not None:
         return {"state": "done", "eval": ev, "error": None}
-    d, cfg = run.run_dir, run.cfg
     if _trained_epochs(d) != cfg.epochs:  # more epochs than asked: train() refuses
         resume = (d / CONFIG_FILE).is_file()
         if not resume and (d / ERROR_FILE).is_file():
