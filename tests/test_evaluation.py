@@ -200,3 +200,48 @@ def test_double_model_scores_like_the_float32_model(name, likelihood):
     # a different seed moves the estimates by ~1% (0.5 - 50 nats): 1e-6 is far below that
     torch.testing.assert_close(e64.iwae, e32.iwae, rtol=1e-6, atol=0)
     torch.testing.assert_close(e64.elbo, e32.elbo, rtol=1e-6, atol=0)
+
+
+def test_a_binary_likelihood_scores_one_binarization_for_every_seed_batch_and_command():
+    """A Bernoulli run's test (and validation) images are binarized once: evaluate with any
+    --seed or --batch-size, gap and uncertainty all see the same binary images (the seed
+    draws the z's only), so two seeds or two methods are scored on the same data."""
+    from gpvae.data import ImageData
+    from gpvae.models import build_model
+    from gpvae.uncertainty import instance_uncertainty
+
+    model = build_model("gpvae", (1, 28, 28), latent_dim=2, likelihood="bernoulli")
+    g = torch.Generator().manual_seed(0)
+    data = ImageData(torch.randint(0, 256, (7, 1, 28, 28), generator=g, dtype=torch.uint8))
+    seen = []
+    prepare = model.likelihood.prepare
+
+    def spy(x, generator=None):
+        out = prepare(x, generator)
+        seen.append(out)
+        return out
+
+    model.likelihood.prepare = spy
+
+    def binarized(run):
+        seen.clear()
+        run()
+        return torch.cat(seen)
+
+    ref = binarized(lambda: estimate(model, data, samples=2, seed=0, progress=False))
+    assert set(ref.unique().tolist()) == {0.0, 1.0} and ref.shape == (7, 1, 28, 28)
+    for seed, batch in ((5, 100), (0, 3), (9, 2)):
+        again = binarized(lambda: estimate(model, data, samples=2, seed=seed, batch_size=batch,
+                                           progress=False))
+        assert torch.equal(again, ref), (seed, batch)
+    # the encoder's uncertainty is read on those same binary images
+    inputs = []
+    uncertainty = model.uncertainty
+
+    def record(x, *args, **kwargs):
+        inputs.append(x.detach().clone())
+        return uncertainty(x, *args, **kwargs)
+
+    model.uncertainty = record
+    instance_uncertainty(model, data, batch_size=4, progress=False)
+    assert torch.equal(torch.cat(inputs), ref)

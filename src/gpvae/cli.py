@@ -80,6 +80,7 @@ def _add_data_args(p):
 def build_parser() -> argparse.ArgumentParser:
     from .data import DATASETS
     from .likelihoods import LIKELIHOODS
+    from .evaluation import EVAL_BATCH_SIZE
     from .models import MODELS
     from .networks import DECODERS
     from .precision import PRECISION_HELP, PRECISIONS
@@ -152,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-test", type=positive_int, help="only the first N test images "
                    "(default: the whole test set)")
     p.add_argument("--data-dir", help="override the run's data directory")
-    p.add_argument("--batch-size", type=positive_int, default=100, help="images per batch")
+    p.add_argument("--batch-size", type=positive_int, default=EVAL_BATCH_SIZE,
+                   help=f"images per batch (default {EVAL_BATCH_SIZE}; with --seed it decides "
+                   "which random numbers each image gets)")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best",
                    help="best validation epoch (default) or last epoch")
     p.add_argument("--seed", type=nonneg_int, default=0, help="sampling seed (default 0)")

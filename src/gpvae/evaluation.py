@@ -28,6 +28,7 @@ import torch
 
 from .devices import model_device_dtype
 from .errors import ConfigError
+from .likelihoods import eval_binarization
 from .precision import check_precision, precision_context
 from .models.base import posterior_without_grad
 
@@ -59,6 +60,9 @@ class Estimates:
         }
 
 
+#: images per batch of ``gpvae evaluate`` (its ``--batch-size`` default); ``gpvae gap``
+#: scores its IWAE with q as proposal the same way
+EVAL_BATCH_SIZE = 100
 #: z's decoded per call by default on a CPU (small chunks stay in the caches)
 CPU_MAX_BATCH_SAMPLES = 512
 #: z's decoded per call by default on CUDA for a 28 x 28 image (MNIST, OMNIGLOT); larger
@@ -76,6 +80,18 @@ def default_max_batch_samples(device, image_shape) -> int:
         return CPU_MAX_BATCH_SAMPLES
     pixels = math.prod(image_shape)
     return max(CPU_MAX_BATCH_SAMPLES, CUDA_MAX_BATCH_SAMPLES * 784 // pixels)
+
+
+def prepared_batches(model, data, batch_size: int, device, dtype):
+    """(lo, x) for consecutive batches of ``data`` (an :class:`~gpvae.data.ImageData`),
+    prepared for the model's likelihood as every evaluation prepares them -- a binary
+    likelihood scores the one fixed binarization of the images
+    (:func:`gpvae.likelihoods.eval_binarization`, the same for any seed and batch size) --
+    and cast to ``device`` and ``dtype``."""
+    binarize = eval_binarization()
+    for lo in range(0, len(data), batch_size):
+        x = model.likelihood.prepare(data.batch(slice(lo, lo + batch_size)), binarize)
+        yield lo, x.to(device, dtype)
 
 
 def log_weights(model, x: torch.Tensor, samples: int, max_batch_samples: int = 512) -> torch.Tensor:
@@ -106,7 +122,8 @@ def estimate(
 ) -> Estimates:
     """IWAE_K and ELBO for every image of ``data`` (an :class:`~gpvae.data.ImageData`).
 
-    Binary likelihoods score a fixed binarization of the images (seeded by ``seed``).
+    Binary likelihoods score the one fixed binarization of the images
+    (:func:`prepared_batches`); ``seed`` draws the z's only.
     Each batch is cast to the dtype and device of the model's tensors (its first parameter,
     or buffer), so a model converted with ``.double()`` is scored on the same images;
     ``device`` is used only by a model that holds no tensors.  ``precision``: fp32, tf32
@@ -139,13 +156,10 @@ def estimate(
     start_time = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        binarize = torch.Generator().manual_seed(seed)
         with torch.inference_mode():
             bar = progress_bar(n, desc=desc, unit="img", enabled=progress)
-            for lo in range(0, n, batch_size):
-                hi = min(n, lo + batch_size)
-                x = model.likelihood.prepare(data.batch(slice(lo, hi)), binarize)
-                x = x.to(device, dtype)
+            for lo, x in prepared_batches(model, data, batch_size, device, dtype):
+                hi = lo + x.shape[0]
                 with precision_context(precision, device):
                     lw = (runner.log_weights(model, x, samples, max_batch_samples) if runner
                           else log_weights(model, x, samples, max_batch_samples))

@@ -250,16 +250,6 @@ def iwae_estimate(model, x: torch.Tensor, q, samples: int,
     return acc - math.log(samples)
 
 
-def _batches(model, data, batch_size: int, seed: int, device, dtype):
-    """(lo, x) for consecutive chunks of ``data``, prepared for the likelihood exactly as
-    :func:`gpvae.evaluation.estimate` prepares them (binary likelihoods: the same fixed
-    binarization, seeded by ``seed``, for the same ``batch_size``)."""
-    binarize = torch.Generator().manual_seed(seed)
-    for lo in range(0, len(data), batch_size):
-        x = model.likelihood.prepare(data.batch(slice(lo, lo + batch_size)), binarize)
-        yield lo, x.to(device, dtype)
-
-
 def amortization_gaps(model, data, *, elbo_samples: int = 1000, iwae_samples: int = 5000,
                       steps: int = 5000, lr: float = 3e-2, tol: float = 0.05,
                       check_every: int = 100, mc_samples: int = 4, eval_samples: int = 16,
@@ -272,10 +262,11 @@ def amortization_gaps(model, data, *, elbo_samples: int = 1000, iwae_samples: in
     "qstar_mean", "qstar_std" (N, d).  See the module docstring; ``batch_size`` images form
     one batched q* problem (chunks only bound memory).  Reproducible for a given ``seed``
     (and the same other arguments): ``iwae_q`` is :func:`gpvae.evaluation.estimate`'s IWAE
-    with this seed and batch size, everything else draws from a stream seeded with
+    with this seed at its command's defaults (what ``gpvae evaluate --iwae-samples K --seed
+    SEED`` gives for these images), everything else draws from a stream seeded with
     ``seed + 1``.  The model is returned as it came (mode, ``requires_grad`` flags,
     weights)."""
-    from .evaluation import estimate
+    from .evaluation import EVAL_BATCH_SIZE, estimate, prepared_batches
     from .progress import progress_bar
 
     for name, value in (("--elbo-samples", elbo_samples), ("--iwae-samples", iwae_samples),
@@ -297,7 +288,7 @@ def amortization_gaps(model, data, *, elbo_samples: int = 1000, iwae_samples: in
                 devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed + 1)
             bar = progress_bar(chunks * steps, desc="q* fit", unit="step", enabled=progress)
-            for lo, x in _batches(model, data, batch_size, seed, device, dtype):
+            for lo, x in prepared_batches(model, data, batch_size, device, dtype):
                 hi = lo + x.shape[0]
                 with torch.no_grad():
                     q = posterior_without_grad(model, x)
@@ -319,15 +310,16 @@ def amortization_gaps(model, data, *, elbo_samples: int = 1000, iwae_samples: in
                 bar.set_postfix(converged=f"{int(out['qstar_converged'][:hi].sum())}/{hi}")
             bar.close()
             bar = progress_bar(n, desc="IWAE (q*)", unit="img", enabled=progress)
-            for (lo, x), mean, std in zip(_batches(model, data, batch_size, seed, device, dtype),
+            for (lo, x), mean, std in zip(prepared_batches(model, data, batch_size, device, dtype),
                                           means, stds):
                 qstar = Independent(Normal(mean.to(device), std.to(device)), 1)
                 out["iwae_qstar"][lo:lo + x.shape[0]] = iwae_estimate(
                     model, x, qstar, iwae_samples, max_batch_samples).cpu()
                 bar.update(x.shape[0])
             bar.close()
-        est = estimate(model, data, samples=iwae_samples, batch_size=batch_size, device=device,
-                       seed=seed, max_batch_samples=max_batch_samples, progress=progress)
+        # exactly `gpvae evaluate --iwae-samples K --seed SEED` (its batch size and chunks)
+        est = estimate(model, data, samples=iwae_samples, batch_size=EVAL_BATCH_SIZE,
+                       device=device, seed=seed, progress=progress)
     finally:
         model.train(was_training)
     out["iwae_q"] = est.iwae

@@ -10,8 +10,10 @@
 * ``gaussian-learned``: the same with a learned scalar sigma_x (initialised at ``sigma_x``),
   as in the code the paper's baselines most likely came from.
 * ``bernoulli``: Bernoulli(x; sigmoid(g(z))) on binarized pixels; training images are
-  dynamically binarized (a fresh Bernoulli draw per batch), test images once, with a fixed
-  seed, so every model is scored on the same binary test set.
+  dynamically binarized (a fresh Bernoulli draw per batch), validation and test images
+  once, with a fixed seed (:data:`EVAL_BINARIZATION_SEED`), so every model, every seed of
+  an evaluation and every command (evaluate, gap, uncertainty, a run's validation ELBO)
+  scores the same binary images.
 
 Each likelihood reduces over the pixel dimensions and broadcasts over any leading sample
 dimensions: ``log_prob(x (B,C,H,W), out (K,B,C,H,W)) -> (K,B)``.
@@ -76,6 +78,17 @@ class BernoulliLikelihood(Likelihood):
 
 
 LIKELIHOODS = ("gaussian", "gaussian-learned", "bernoulli")
+
+#: the seed of the one binarization of the images a binary likelihood is evaluated on (a
+#: run's validation images, the test images): the seed of an evaluation draws its z's only
+EVAL_BINARIZATION_SEED = 0
+
+
+def eval_binarization() -> torch.Generator:
+    """A fresh CPU generator at :data:`EVAL_BINARIZATION_SEED`: passed to ``prepare`` batch
+    after batch (consecutive images of a data set, from the first), it binarizes every
+    image the same way in every evaluation."""
+    return torch.Generator().manual_seed(EVAL_BINARIZATION_SEED)
 
 
 def make_likelihood(name: str, sigma_x: float = 0.1) -> Likelihood:

@@ -34,15 +34,20 @@ from .progress import progress_bar
 def instance_uncertainty(model, data, batch_size: int = 256, device="cpu",
                          progress: bool = True) -> dict[str, torch.Tensor]:
     """{"tr_f", "tr_h", "total"}: one value per image of ``data`` (an ImageData), from
-    ``model.uncertainty`` (:class:`~gpvae.errors.UnsupportedError` for a model without it)."""
+    ``model.uncertainty`` (:class:`~gpvae.errors.UnsupportedError` for a model without it),
+    on the images prepared as every evaluation prepares them
+    (:func:`gpvae.evaluation.prepared_batches`: a binary likelihood's fixed binarization)."""
     if not model.supports_uncertainty():
         raise UnsupportedError(f"model {type(model).__name__} has no per-instance uncertainty "
                                "(only the GPVAE defines Tr V(f(x)|D), Tr V(h(x)|D))")
     out: dict[str, list] = {"tr_f": [], "tr_h": []}
     bar = progress_bar(len(data), desc="uncertainty", unit="img", enabled=progress)
+    from .evaluation import prepared_batches
+
     with torch.inference_mode():
-        for lo in range(0, len(data), batch_size):
-            x = data.batch(slice(lo, lo + batch_size)).to(*model_device_dtype(model, device))
+        # the images as evaluate and gap score them (a binary likelihood: binarized, the
+        # encoder's inputs in training), so the uncertainty pairs with their gaps
+        for _, x in prepared_batches(model, data, batch_size, *model_device_dtype(model, device)):
             u = without_grad(model, model.uncertainty, x)
             for k in out:
                 out[k].append(u[k].detach().double().cpu())
