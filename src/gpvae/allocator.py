@@ -6,10 +6,10 @@ at the top of its heap beyond the *trim threshold* back to the system; either wa
 batch's activations are faulted in again page by page (the kernel zeroes each page).  Both
 thresholds adapt to what the process has freed so far (freeing an mmapped block raises the
 mmap threshold to its size and the trim threshold to twice that), so a network that
-allocates the same activations batch after batch may pay ~800 page faults per 3 MB
-activation on every call -- or none, depending on what the process happened to free
-earlier.  A timing then depends on the process's history, not just on the code (measured:
-docs/benchmarks.md, "The memory allocator").
+allocates the same activations batch after batch may fault in every page of them on every
+call (a 3 MiB activation is 768 pages of 4 KiB) -- or none, depending on what the process
+happened to free earlier.  A timing then depends on the process's history, not just on the
+code (measured: docs/benchmarks.md, "The memory allocator").
 
 :func:`tune_cpu_allocator` fixes the thresholds (``mallopt``): blocks below
 ``mmap_threshold`` (32 MiB, glibc's largest adaptive value) come from the heap and are
