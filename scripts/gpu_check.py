@@ -368,8 +368,12 @@ def headline(step: str, stdout: str) -> str:
             m = data["models"]
             key = "ms_per_batch" if step.startswith("bench-inference") else "ms_per_step"
             ref = "gpvae" if "gpvae" in m else list(m)[-1]
-            return (f"vae {m['vae'][key]:.3f} ms, {ref} {m[ref][key]:.3f} ms: "
+            line = (f"vae {m['vae'][key]:.3f} ms, {ref} {m[ref][key]:.3f} ms: "
                     f"{m[ref]['ratio_to_vae']:.2f}x ({key})")
+            if "gpvae+dense" in m:  # --gp-quadratic both: the dense form's row too
+                line += (f"; gpvae+dense {m['gpvae+dense'][key]:.3f} ms: "
+                         f"{m['gpvae+dense']['ratio_to_vae']:.2f}x")
+            return line
         if step.startswith("bench-iwae"):
             return (f"{data['images_per_s']:.0f} images/s, {data['achieved_gflop_per_s']:.1f} "
                     f"GFLOP/s, {data['speedup_vs_reference']:.1f}x the per-image loop")

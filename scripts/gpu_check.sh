@@ -46,9 +46,10 @@
 #                         -- compiled vs eager (scripts/gpu_check.py compile: same numbers,
 #                         what fell back), bench-inference / bench-train (MNIST and
 #                         CIFAR-shaped: random images in CIFAR-10's files) / bench-iwae with
-#                         --compile both and --fused-trunks both, with --precision tf32 and
-#                         bf16, and a torch.profiler table of the fused GPVAE's q(z|x)
-#                         (default budget 360 s; run it with timeout_s 420; the
+#                         --compile both and --fused-trunks both, the GPVAE's dense vs
+#                         blocked quadratic forms (--gp-quadratic both), with --precision
+#                         tf32 and bf16, and a torch.profiler table of the fused GPVAE's
+#                         q(z|x) (default budget 420 s; run it with timeout_s 480; the
 #                         precision rows run as train/evaluate do on CUDA: compiled, fused)
 #   --fetch-wheels        download the wheels into .gpu_wheels/ (here, with network) and exit
 #   GPU_CHECK_DEVICE      cuda (default) or cpu
@@ -108,7 +109,7 @@ if [ "$QUICK" = 1 ]; then
   BUDGET="${GPU_CHECK_BUDGET_S:-1800}"; SMOKE_BUDGET=$(( BUDGET / 2 ))
   N_TRAIN=200; N_TEST=40; K=5; SMALL_LIMIT=600; BENCH_LIMIT=900
 elif [ "${OPTIONS:-0}" = 1 ]; then
-  BUDGET="${GPU_CHECK_BUDGET_S:-360}"; SMOKE_BUDGET=0
+  BUDGET="${GPU_CHECK_BUDGET_S:-420}"; SMOKE_BUDGET=0
   N_TRAIN=400; N_TEST=100; K=20; SMALL_LIMIT=90; BENCH_LIMIT=120
 else
   BUDGET="${GPU_CHECK_BUDGET_S:-235}"; SMOKE_BUDGET=120
@@ -179,9 +180,14 @@ if [ "${OPTIONS:-0}" = 1 ]; then
   step "80-compile-check" "$BENCH_LIMIT" "$DEADLINE" "$PY" scripts/gpu_check.py compile --device "$DEV" --models vae,gpvae,gpvae+fused --latent-dim 50 --images 128 --iwae-samples 20
   step "81-bench-inference-compile" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models vae,gpvae --compile both --fused-trunks both --device "$DEV" --repeats 5 --json
   step "82-bench-train-compile" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train --latent-dim 50 --models vae,gpvae --compile both --fused-trunks both --device "$DEV" --steps 10 --repeats 5 --json
+  # the GPVAE's quadratic forms through dense factors (few large products) vs the blocked
+  # ones (many small products), compiled and fused as train runs on CUDA
+  step "82d-bench-train-dense" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train --latent-dim 50 --models vae,gpvae --compile on --fused-trunks on --gp-quadratic both --device "$DEV" --steps 10 --repeats 5 --json
   step "83-bench-iwae-compile" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-iwae --model vae --images 5000 --compile both --device "$DEV" --json
   step "84-bench-inference-cifar-compile" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference "${CIFAR[@]}" --latent-dim 50 --models vae,gpvae --compile both --fused-trunks both --device "$DEV" --repeats 5 --json
   step "85-bench-train-cifar-compile" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train "${CIFAR[@]}" --latent-dim 50 --models vae,gpvae --compile both --fused-trunks both --device "$DEV" --steps 10 --repeats 5 --json
+  step "85d-bench-train-cifar-dense" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train "${CIFAR[@]}" --latent-dim 50 --models vae,gpvae --compile on --fused-trunks on --gp-quadratic both --device "$DEV" --steps 10 --repeats 5 --json
+  step "85e-bench-inference-dense" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models vae,gpvae --compile on --fused-trunks on --gp-quadratic both --device "$DEV" --repeats 5 --json
   for P in tf32 bf16; do
     step "86-bench-iwae-$P" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-iwae --model vae --images 5000 --precision "$P" --compile both --device "$DEV" --json
   done

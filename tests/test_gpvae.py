@@ -816,3 +816,82 @@ def test_fused_trunks_is_a_base_class_capability():
         vae.fuse_trunks(True)
     gp = GPVAE(GPVAEConfig(latent_dim=2), (1, 28, 28))
     assert gp.fuse_trunks(True) is gp and gp.fused_trunks
+
+
+# ----------------------------------------------------------------------------------------
+# --gp-quadratic dense: the quadratic forms through dense factors (an execution choice)
+# ----------------------------------------------------------------------------------------
+def test_dense_quadratic_forms_equal_the_blocked_ones_with_gradients():
+    """dense_quadratic_and_frobenius gives _quadratic_and_frobenius's (q, f) and the same
+    gradients for psi, log_diag and the stored blocks -- zero on the unused entries, which
+    are randomised here -- and the dense form is the brute-force psi^T L L^T psi."""
+    from gpvae.cholesky import dense_quadratic_and_frobenius
+
+    d, p, b = 3, 64, 16
+    g = torch.Generator().manual_seed(0)
+    log_diag = torch.randn(d, p, generator=g, dtype=torch.float64).mul(0.3)
+    blocks = torch.randn(chol_storage_rows(p, b), d, b, generator=g, dtype=torch.float64)
+    psi = torch.randn(5, p, generator=g, dtype=torch.float64)
+    w_q = torch.randn(5, d, generator=g, dtype=torch.float64)
+    grads = []
+    for fn in (dense_quadratic_and_frobenius, _quadratic_and_frobenius):
+        args = [t.clone().requires_grad_() for t in (psi, log_diag, blocks)]
+        q, f = fn(*args, b, with_frobenius=True)
+        ((q * w_q).sum() + 0.7 * f).backward()
+        grads.append((q.detach(), f.detach(), *(a.grad for a in args)))
+    for name, dense, blocked in zip(("q", "f", "psi", "log_diag", "blocks"), *grads):
+        torch.testing.assert_close(dense, blocked, rtol=1e-12, atol=1e-12, msg=name)
+    chol = blocked_to_dense(log_diag, blocks, b)
+    brute = torch.einsum("bk,jkl,bl->bj", psi, chol @ chol.mT, psi)
+    torch.testing.assert_close(grads[0][0], brute, rtol=1e-12, atol=1e-10)
+
+
+def test_gpvae_with_dense_quadratic_forms_gives_the_same_q_objective_and_gradients(
+        monkeypatch):
+    """use_dense_quadratic_forms(True): q(z|x) (eq. 13), uncertainty and the training
+    objective (eq. 15, with the KL of q(W, U)) and its gradients equal the blocked form's
+    -- and the dense form is the one that runs (a spy on it)."""
+    import gpvae.models.gpvae as gpvae_module
+
+    blocked = _model(d=3).double()
+    _randomize_gp(blocked)
+    dense = _model(d=3).double()
+    dense.load_state_dict(blocked.state_dict())
+    assert dense.use_dense_quadratic_forms() is dense and dense.dense_quadratic_forms
+    calls = []
+    real = gpvae_module.dense_quadratic_and_frobenius
+    monkeypatch.setattr(gpvae_module, "dense_quadratic_and_frobenius",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = _inputs()
+    with torch.no_grad():
+        for a, b in ((dense.posterior(x), blocked.posterior(x)),):
+            torch.testing.assert_close(a.mean, b.mean, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(a.variance, b.variance, rtol=1e-12, atol=1e-12)
+        u_dense = dense.uncertainty(x)
+        for k, v in blocked.uncertainty(x).items():
+            torch.testing.assert_close(u_dense[k], v, rtol=1e-12, atol=1e-12)
+    assert len(calls) == 4  # the two forms of each call
+    results = []
+    for m in (dense, blocked):
+        m.zero_grad()
+        torch.manual_seed(5)
+        objective, _ = m.training_objective(x, 100)
+        objective.sum().backward()
+        results.append((objective.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-10)
+    for name, grad in results[1][1].items():
+        torch.testing.assert_close(results[0][1][name], grad, rtol=1e-9, atol=1e-11, msg=name)
+    assert len(calls) == 6
+    assert dense.use_dense_quadratic_forms(False).dense_quadratic_forms is False
+
+
+def test_dense_quadratic_forms_are_a_base_class_capability():
+    """--gp-quadratic asks the model (supports_dense_quadratic_forms on the base class): the
+    GPVAE has them; every other method accepts False and refuses True in one line."""
+    from gpvae.errors import UnsupportedError
+
+    assert {n for n, c in MODELS.items() if c.supports_dense_quadratic_forms()} == {"gpvae"}
+    vae = VAE(VAEConfig(latent_dim=2), MNIST)
+    assert vae.use_dense_quadratic_forms(False) is vae
+    with pytest.raises(UnsupportedError, match="computes no quadratic forms"):
+        vae.use_dense_quadratic_forms(True)

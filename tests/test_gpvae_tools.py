@@ -415,3 +415,34 @@ def test_instance_uncertainty_of_a_float64_model():
                                progress=False)
     assert u64["total"].dtype == torch.float64
     torch.testing.assert_close(u64["total"], u32["total"], rtol=1e-4, atol=0)
+
+
+def test_bench_gp_quadratic_both_times_the_blocked_and_the_dense_forms_side_by_side(
+        monkeypatch):
+    """--gp-quadratic both: a +dense row for the GPVAE only (the VAE has no quadratic forms),
+    each ratio to the VAE, the same FLOP floor; the +dense row's model computes the dense
+    form and the plain row's does not."""
+    import gpvae.models.gpvae as gpvae_module
+    from gpvae import bench
+
+    calls = []
+    real = gpvae_module.dense_quadratic_and_frobenius
+    monkeypatch.setattr(gpvae_module, "dense_quadratic_and_frobenius",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    common = dict(dataset="mnist", data_dir=None, models="gpvae", latent_dim=2, batch_size=2,
+                  repeats=1, device="cpu", json=True, profile=False, decoder="conv",
+                  compile="off", fused_trunks="off", gp_quadratic="both")
+    for out in (bench.bench_inference(SimpleNamespace(**common, limit_test=3)),
+                bench.bench_train(SimpleNamespace(**common, steps=1))):
+        rows = out["models"]
+        assert list(rows) == ["vae", "gpvae", "gpvae+dense"] and out["gp_quadratic"] == "both"
+        assert [r["dense_quadratic_forms"] for r in rows.values()] == [False, False, True]
+        key = "ms_per_batch" if "ms_per_batch" in rows["vae"] else "ms_per_step"
+        dense = rows["gpvae+dense"]
+        assert dense["ratio_to_vae"] == pytest.approx(dense[key] / rows["vae"][key])
+        assert dense["flops_per_image"] == rows["gpvae"]["flops_per_image"]
+    assert calls  # the +dense rows ran the dense form...
+    calls.clear()
+    bench.bench_inference(SimpleNamespace(**{**common, "gp_quadratic": "blocked"},
+                                          limit_test=3))
+    assert not calls  # ...and the default rows never do

@@ -214,37 +214,48 @@ def _in_precision(fn, args, device, autocast: bool = True):
     return run
 
 
-def _variants(args) -> list[tuple[str, str, bool | str, bool]]:
-    """How ``--compile`` and ``--fused-trunks`` ask each model to be run: (row-name suffix,
-    its compile part, compiled, fused trunks) per row; ``both`` gives two rows (eager and
-    ``+compile``; three trunks and ``+fused``), timed side by side.  ``compiled`` is True or
+def _variants(args) -> list[tuple[str, str, bool | str, bool, bool]]:
+    """How ``--compile``, ``--fused-trunks`` and ``--gp-quadratic`` ask each model to be run:
+    (row-name suffix, its compile part, compiled, fused trunks, dense quadratic forms) per
+    row; ``both`` gives two rows (eager and ``+compile``; three trunks and ``+fused``; the
+    blocked quadratic forms and ``+dense``), timed side by side.  ``compiled`` is True or
     False, or the option itself (off, on, auto), which :func:`_variant_models` resolves per
     model (auto compiles only the methods measured to gain on CUDA)."""
     mode = check_compile_option(getattr(args, "compile", "off"), BENCH_COMPILE_CHOICES)
     fuse = getattr(args, "fused_trunks", "off")
+    form = getattr(args, "gp_quadratic", "blocked")
     compiles = ([(False, ""), (True, "+compile")] if mode == "both"
                 else [(mode, "")])  # off, on or auto: resolved per model (_variant_models)
     fuses = [(False, ""), (True, "+fused")] if fuse == "both" else [(fuse == "on", "")]
-    return [(fs + cs, cs, compiled, fused) for fused, fs in fuses for compiled, cs in compiles]
+    forms = ([(False, ""), (True, "+dense")] if form == "both"
+             else [(form == "dense", "")])
+    return [(fs + ds + cs, cs, compiled, fused, dense) for fused, fs in fuses
+            for dense, ds in forms for compiled, cs in compiles]
 
 
-def _variant_models(name: str, model, variants) -> list[tuple[str, str, object, bool, bool]]:
-    """(row, its reference VAE row, model, compiled, fused) for each of :func:`_variants`: the
-    first row runs ``model`` itself, the others copies (the same weights); fused trunks
-    only for a model that has trunks to fuse (the GPVAE), which gets no ``+fused`` row
-    otherwise."""
+def _variant_models(name: str, model, variants) -> list[tuple[str, str, object, bool, bool,
+                                                              bool]]:
+    """(row, its reference VAE row, model, compiled, fused, dense) for each of
+    :func:`_variants`: the
+    first row runs ``model`` itself, the others copies (the same weights); fused trunks and
+    dense quadratic forms only for a model that has them (the GPVAE), which gets no
+    ``+fused`` or ``+dense`` row otherwise."""
     can_fuse = model.supports_fused_trunks()
+    can_densify = model.supports_dense_quadratic_forms()
     device = model_device_dtype(model)[0]
     rows = []
-    for suffix, compile_suffix, compiled, fused in variants:
+    for suffix, compile_suffix, compiled, fused, dense in variants:
         if isinstance(compiled, str):  # --compile off / on / auto, for this model
             compiled = compile_enabled(compiled, device, model)
-        if fused and not can_fuse and "+fused" in suffix:
+        if (fused and not can_fuse and "+fused" in suffix
+                or dense and not can_densify and "+dense" in suffix):
             continue
         m = copy.deepcopy(model) if rows else model
         fused = fused and can_fuse
         m.fuse_trunks(fused)
-        rows.append((name + suffix, "vae" + compile_suffix, m, compiled, fused))
+        dense = dense and can_densify
+        m.use_dense_quadratic_forms(dense)
+        rows.append((name + suffix, "vae" + compile_suffix, m, compiled, fused, dense))
     return rows
 
 
@@ -267,6 +278,8 @@ def _modes_text(out: dict) -> str:
     VAE compare rows run the same way: a ``+compile`` row with the compiled VAE)."""
     modes = [f"--{k.replace('_', '-')} {out[k]}" for k in ("compile", "fused_trunks")
              if out.get(k, "off") != "off"]
+    if out.get("gp_quadratic", "blocked") != "blocked":
+        modes.append(f"--gp-quadratic {out['gp_quadratic']}")
     return f" ({', '.join(modes)}; ratios to the VAE run the same way)" if modes else ""
 
 
@@ -332,13 +345,13 @@ def bench_inference(args) -> dict:
         model = build_model(method, IMAGE_SHAPES[args.dataset], latent_dim=args.latent_dim,
                             decoder=args.decoder, **options)
         model.complete_schedule()  # e.g. RME(M) timed with all M components
-        for row, ref, m, compiled, fused in _variant_models(name, model.to(device).eval(),
-                                                            variants):
+        for row, ref, m, compiled, fused, dense in _variant_models(
+                name, model.to(device).eval(), variants):
             models[row], refs[row] = m, ref
             one_pass = _posterior_pass(m, batches, compiled)
             units[row] = one_pass.unit
             passes[row] = _in_precision(one_pass, args, device)
-            modes[row] = (compiled, fused)
+            modes[row] = (compiled, fused, dense)
             _warm_up(passes[row], compiled)
     names = list(passes)
     times = {name: [] for name in names}
@@ -355,14 +368,15 @@ def bench_inference(args) -> dict:
         r["ratio_to_vae"] = r["ms_per_batch"] / vae["ms_per_batch"]
         r["flop_ratio_to_vae"] = _ratio(r["flops_per_image"], vae["flops_per_image"])
         r["gflops_per_s"] = r["flops_per_image"] * args.batch_size / r["ms_per_batch"] / 1e6
-        r["compiled"], r["fused_trunks"] = modes[name]
+        r["compiled"], r["fused_trunks"], r["dense_quadratic_forms"] = modes[name]
         r["compile_fallback"] = units[name].failure if units[name] else None
     out = {"device": str(device), "threads": torch.get_num_threads(), "dataset": args.dataset,
            "decoder": args.decoder, "precision": getattr(args, "precision", "fp32"),
            "latent_dim": args.latent_dim, "batch_size": args.batch_size,
            "batches": len(batches), "repeats": args.repeats,
            "compile": getattr(args, "compile", "off"),
-           "fused_trunks": getattr(args, "fused_trunks", "off"), "models": results}
+           "fused_trunks": getattr(args, "fused_trunks", "off"),
+           "gp_quadratic": getattr(args, "gp_quadratic", "blocked"), "models": results}
     if args.json:
         print(json.dumps(out))
     else:
@@ -422,12 +436,12 @@ def bench_train(args) -> dict:
         model = build_model(method, IMAGE_SHAPES[args.dataset], latent_dim=args.latent_dim,
                             decoder=args.decoder, **options)
         model.complete_schedule()
-        for row, ref, m, compiled, fused in _variant_models(name, model.to(device).train(),
-                                                            variants):
+        for row, ref, m, compiled, fused, dense in _variant_models(
+                name, model.to(device).train(), variants):
             models[row], refs[row] = m, ref
             runs[row] = make_steps(m, make_adam(m.parameters(), lr=5e-4), compiled)
             units[row] = runs[row].unit
-            modes[row] = (compiled, fused)
+            modes[row] = (compiled, fused, dense)
             _warm_up(runs[row], compiled)
     names = list(runs)
     best = {name: math.inf for name in names}
@@ -440,14 +454,15 @@ def bench_train(args) -> dict:
         vae = results[refs[name]]  # the VAE run the same way (eager or compiled)
         r["ratio_to_vae"] = r["ms_per_step"] / vae["ms_per_step"]
         r["flop_ratio_to_vae"] = _ratio(r["flops_per_image"], vae["flops_per_image"])
-        r["compiled"], r["fused_trunks"] = modes[name]
+        r["compiled"], r["fused_trunks"], r["dense_quadratic_forms"] = modes[name]
         r["compile_fallback"] = (units[name].failure if units[name] else
                                  "cannot be one graph" if r["compiled"] else None)
     out = {"device": str(device), "threads": torch.get_num_threads(), "dataset": args.dataset,
            "precision": getattr(args, "precision", "fp32"),
            "latent_dim": args.latent_dim, "batch_size": args.batch_size,
            "compile": getattr(args, "compile", "off"),
-           "fused_trunks": getattr(args, "fused_trunks", "off"), "models": results}
+           "fused_trunks": getattr(args, "fused_trunks", "off"),
+           "gp_quadratic": getattr(args, "gp_quadratic", "blocked"), "models": results}
     if args.json:
         print(json.dumps(out))
     else:

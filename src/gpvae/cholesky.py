@@ -450,6 +450,22 @@ def _quadratic_and_frobenius(psi, log_diag, blocks, block, mask=None, with_frobe
                                            _mask_for(block, blocks, mask), with_frobenius)[:2]
 
 
+@fp32_function
+def dense_quadratic_and_frobenius(psi, log_diag, blocks, block, with_frobenius=True):
+    """The (q, f) of :func:`_quadratic_and_frobenius` through the dense factors:
+    L = :func:`blocked_to_dense` (differentiable: the gradient reaches the stored blocks, zero
+    on their unused entries), q = :func:`cholesky_quadratic_form` (psi, L), one (B, p) @
+    (p, d p) product (two more in the backward pass), f = sum_j ||L_j||_F^2 (a constant 0
+    unless ``with_frobenius``).  About twice the blocked form's multiply-adds, in three large
+    products instead of about 3n small ones, plus forming L: an execution choice for
+    hardware where few large products beat many small ones (a GPU: docs/benchmarks.md, "On
+    a GPU"); :meth:`gpvae.models.gpvae.GPVAE.use_dense_quadratic_forms`."""
+    _check_blocked(log_diag, blocks, block)
+    chol = blocked_to_dense(log_diag, blocks, block)
+    q = cholesky_quadratic_form(psi, chol)
+    return q, (chol.square().sum() if with_frobenius else q.new_zeros(()))
+
+
 def blocked_cholesky_quadratic_form(psi: torch.Tensor, log_diag: torch.Tensor,
                                     blocks: torch.Tensor, block: int,
                                     mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -399,6 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "network -- concatenated and grouped convolutions, one batched FC "
                        "product; the same features, fewer kernel launches -- (on), as three "
                        "(off, default), or both rows side by side (+fused)")
+        p.add_argument("--gp-quadratic", choices=("blocked", "dense", "both"),
+                       default="blocked", help="GPVAE: its quadratic forms of eq. (13) from "
+                       "the stored column-blocked Cholesky factors in place (blocked, "
+                       "default: many small products, half the arithmetic) or through the "
+                       "dense factors formed on every call (dense: three large products), or "
+                       "both rows side by side (+dense); the same numbers")
         p.add_argument("--json", action="store_true")
         p.add_argument("--profile", action="store_true",
                        help="after timing, run each model once more under torch.profiler and "

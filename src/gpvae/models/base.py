@@ -211,6 +211,16 @@ class LatentVariableModel(nn.Module):
                                    "(only the GPVAE runs several trunks on x)")
         return self
 
+    def use_dense_quadratic_forms(self, enabled: bool = True) -> "LatentVariableModel":
+        """Compute the method's quadratic forms from dense factors instead of its stored
+        blocked ones (an execution choice: same values to float rounding, same parameters;
+        :meth:`supports_dense_quadratic_forms`).  Returns the model.  Default: no quadratic
+        forms -- ``enabled`` False is accepted, True refused."""
+        if enabled:
+            raise UnsupportedError(f"{type(self).__name__} computes no quadratic forms "
+                                   "(only the GPVAE's eq. 13 does)")
+        return self
+
     def epoch_summary(self) -> dict[str, float]:
         """Scalar summaries of this model's current state, {name: value}, that the trainer
         appends to each epoch's metrics row (``metrics.csv``, TensorBoard) after the epoch's
@@ -245,6 +255,12 @@ class LatentVariableModel(nn.Module):
         """Whether the class defines :meth:`fuse_trunks` (``--fused-trunks`` in the
         benchmarks)."""
         return cls.fuse_trunks is not LatentVariableModel.fuse_trunks
+
+    @classmethod
+    def supports_dense_quadratic_forms(cls) -> bool:
+        """Whether the class defines :meth:`use_dense_quadratic_forms` (``--gp-quadratic`` in
+        the benchmarks)."""
+        return cls.use_dense_quadratic_forms is not LatentVariableModel.use_dense_quadratic_forms
 
     @classmethod
     def packable(cls) -> bool:

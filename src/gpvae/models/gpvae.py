@@ -82,6 +82,7 @@ from torch.distributions import Independent
 
 from ..cholesky import (_diagonal_blocks, _quadratic_and_frobenius, _slabs,
                         blocked_frobenius, blocked_to_dense, chol_block_size,
+                        dense_quadratic_and_frobenius,
                         chol_storage_rows, dense_to_blocked, packed_quadratic_form,
                         stacked_blocked_quadratic_forms, strict_lower_mask, symmetric_packed)
 from ..errors import ConfigError
@@ -166,6 +167,9 @@ class GPVAE(LatentVariableModel):
         #: run the three trunks as one network (:meth:`fuse_trunks`): an execution switch,
         #: not an option of the model (no effect on its state dict or its numbers)
         self.fused_trunks = False
+        #: the quadratic forms through dense factors (:meth:`use_dense_quadratic_forms`):
+        #: an execution switch like ``fused_trunks``
+        self.dense_quadratic_forms = False
 
     # --- q(W, U) --------------------------------------------------------------------------
     def _factor(self, offdiag: torch.Tensor, log_diag: torch.Tensor) -> torch.Tensor:
@@ -297,6 +301,18 @@ class GPVAE(LatentVariableModel):
         self.fused_trunks = bool(enabled)
         return self
 
+    def use_dense_quadratic_forms(self, enabled: bool = True) -> "GPVAE":
+        """Compute the quadratic forms of eqs. (13) and (15) from the dense factors L_j, M_j,
+        formed from the stored blocks on every call (:func:`~gpvae.cholesky.
+        dense_quadratic_and_frobenius`: a few large products, about twice the multiply-adds
+        of the blocked form's many small ones), or from the blocks in place (``enabled``
+        False, the default).  The same values to float rounding, the same parameters and
+        gradients; an execution choice for a GPU, where the blocked form's small products
+        ran slower (docs/benchmarks.md, "On a GPU").  The "packed" form and the exported
+        encoder are unaffected.  Returns the model."""
+        self.dense_quadratic_forms = bool(enabled)
+        return self
+
     def posterior_flops(self, batch_size: int = 1) -> int:
         """The base class's count, always taken on the three trunks run separately: the
         fused network does the same arithmetic (:meth:`fuse_trunks`), but in functional
@@ -340,18 +356,22 @@ class GPVAE(LatentVariableModel):
         needs_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (psi_m, psi_s, self.sigma_offdiag, self.sigma_log_diag,
                                       self.gamma_offdiag, self.gamma_log_diag))
-        if form == "chol" and not with_kl_wu and not needs_grad:
+        dense = self.dense_quadratic_forms
+        if form == "chol" and not with_kl_wu and not needs_grad and not dense:
             # inference: both forms in one product (the same arithmetic)
             diag_blocks, slabs = self._inference_operands()
             qm, s2 = stacked_blocked_quadratic_forms(psi_m, psi_s, diag_blocks, slabs,
                                                      self.chol_block)
         elif form == "chol":
-            qm, tr_sigma = _quadratic_and_frobenius(psi_m, self.sigma_log_diag,
-                                                    self.sigma_offdiag, self.chol_block,
-                                                    self._chol_mask, with_kl_wu)
-            s2, tr_gamma = _quadratic_and_frobenius(psi_s, self.gamma_log_diag,
-                                                    self.gamma_offdiag, self.chol_block,
-                                                    self._chol_mask, with_kl_wu)
+            def quadratic(psi, log_diag, offdiag):
+                if dense:
+                    return dense_quadratic_and_frobenius(psi, log_diag, offdiag,
+                                                         self.chol_block, with_kl_wu)
+                return _quadratic_and_frobenius(psi, log_diag, offdiag, self.chol_block,
+                                                self._chol_mask, with_kl_wu)
+
+            qm, tr_sigma = quadratic(psi_m, self.sigma_log_diag, self.sigma_offdiag)
+            s2, tr_gamma = quadratic(psi_s, self.gamma_log_diag, self.gamma_offdiag)
             if with_kl_wu:
                 kl_wu = (self._kl_from_parameters(self.mu, self.sigma_offdiag,
                                                   self.sigma_log_diag, tr_sigma)
