@@ -70,3 +70,42 @@ def test_mismatch_message_names_the_tensors(tmp_path):
     with pytest.raises(CheckpointError, match=r"Missing key\(s\).*psi_m"):
         load_checkpoint(tmp_path / "c.safetensors", build_model("gpvae", (1, 28, 28),
                                                                 latent_dim=4))
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda m: m.update(epoch="x"), "epoch, history or best-epoch record"),
+    (lambda m: m.update(history=5), "epoch, history or best-epoch record"),
+    (lambda m: m.update(best=None), "epoch, history or best-epoch record"),
+    (lambda m: m["optimizer"].update(param_groups=[]), "optimizer state cannot be restored"),
+    (lambda m: m["optimizer"].update(scalars={"0": 7}), "optimizer state cannot be restored"),
+    (None, "metadata is not a JSON object"),
+])
+def test_resume_from_a_checkpoint_with_malformed_metadata_is_one_line_and_changes_nothing(
+        tmp_path, edit, needle):
+    """A last.safetensors that is valid safetensors but whose gpvae metadata was damaged or
+    edited stops --resume before any training with a one-line CheckpointError."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from gpvae.rundir import TrainConfig
+    from gpvae.training import train
+
+    out = tmp_path / "r"
+    cfg = TrainConfig(out=str(out), model_options={"latent_dim": 2}, epochs=1,
+                      limit_train=60, batch_size=30, device="cpu")
+    train(cfg, progress=False, log=lambda *_: None)
+    last = out / "last.safetensors"
+    with safe_open(str(last), framework="pt") as f:
+        meta = json.loads(f.metadata()["gpvae"])
+    if edit is None:
+        meta = []
+    else:
+        edit(meta)
+    save_file(load_file(str(last)), str(last), metadata={"gpvae": json.dumps(meta)})
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    cfg.epochs = 2
+    with pytest.raises(CheckpointError, match=needle):
+        train(cfg, resume=True, progress=False, log=lambda *_: None)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

@@ -245,3 +245,34 @@ def test_a_binary_likelihood_scores_one_binarization_for_every_seed_batch_and_co
     model.uncertainty = record
     instance_uncertainty(model, data, batch_size=4, progress=False)
     assert torch.equal(torch.cat(inputs), ref)
+
+
+def test_json_output_is_strict_json_with_null_for_undefined_statistics(tmp_path, capsys):
+    """One test image has no standard error: `evaluate --json` and a one-seed comparison's
+    results.json write null, not NaN (which strict JSON parsers reject)."""
+    import json
+
+    from gpvae.checkpoint import json_text
+    from gpvae.cli import main
+    from gpvae.experiments import compare
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+
+    assert strict(json_text({"a": [1.0, float("nan")], "b": {"c": float("-inf")}})) == {
+        "a": [1.0, None], "b": {"c": None}}
+    compare(["vae", "gpvae"], [0], out=tmp_path / "cmp", epochs=1, latent_dim=2,
+            limit_train=60, limit_test=1, iwae_samples=2, device="cpu", progress=False,
+            log=lambda m: None)
+    res = strict((tmp_path / "cmp" / "results.json").read_text())
+    assert res["models"]["vae"]["iwae_sd"] is None and res["runs"]["vae"]["0"]["n"] == 1
+    assert main(["evaluate", str(tmp_path / "cmp" / "vae" / "seed0"), "--limit-test", "1",
+                 "--iwae-samples", "2", "--json", "--no-progress"]) == 0
+    out = strict(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["test_iwae_se"] is None and math.isfinite(out["test_iwae"])
+    # a rerun reuses the runs' eval.json (null included) and writes strict JSON again
+    again = compare(["vae", "gpvae"], [0], out=tmp_path / "cmp", epochs=1, latent_dim=2,
+                    limit_train=60, limit_test=1, iwae_samples=2, device="cpu",
+                    progress=False, log=lambda m: None)
+    assert again["runs"]["vae"][0]["test_iwae_se"] is None
+    strict((tmp_path / "cmp" / "results.json").read_text())

@@ -121,3 +121,53 @@ def test_compare_refuses_a_rerun_with_other_settings_and_changes_nothing(tmp_pat
     # more epochs continue the same runs
     compare(["vae"], [0], latent_dim=2, limit_train=100, **{**kw, "epochs": 2})
     assert read_config(run).epochs == 2
+
+
+def test_compare_writes_only_into_a_new_empty_or_comparison_directory(tmp_path):
+    """A user's files are never overwritten: --out holding anything but a comparison's own
+    results and MODEL/seedS runs is refused before any work, the files untouched."""
+    from gpvae.errors import ConfigError
+
+    kw = dict(epochs=1, latent_dim=2, limit_train=60, limit_test=5, iwae_samples=2,
+              device="cpu", progress=False, log=lambda m: None)
+    for name, text in (("results.md", "my precious notes\n"), ("notes.txt", "keep\n")):
+        out = tmp_path / name.replace(".", "_")
+        out.mkdir()
+        (out / name).write_text(text)
+        with pytest.raises(ConfigError, match=rf"not a comparison's directory \(it holds {name}"):
+            compare(["vae"], [0], out=out, **kw)
+        assert [p.name for p in out.iterdir()] == [name]
+        assert (out / name).read_text() == text
+    out = tmp_path / "cmp"
+    compare(["vae"], [0], out=out, **kw)  # new: fine; and its own directory again
+    compare(["vae"], [0, 1], out=out, **kw)
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "vae"]
+
+
+@pytest.mark.parametrize("seeds,needle", [([0, 0], "names 0 more than once"),
+                                          ([1, 2, 1], "names 1 more than once"),
+                                          ([-1], "from 0 to"), ([2**40], "from 0 to"),
+                                          ([], "at least one")])
+def test_compare_refuses_repeated_or_out_of_range_seeds_before_any_work(tmp_path, seeds,
+                                                                         needle):
+    """A seed given twice would count one run twice (sd 0, p = 0): refused, as a grid
+    refuses repeated split seeds; so are seeds torch cannot take."""
+    from gpvae.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        compare(["vae", "gpvae"], seeds, out=tmp_path / "cmp", epochs=1, latent_dim=2,
+                limit_train=60, limit_test=5, iwae_samples=2, device="cpu", progress=False,
+                log=lambda m: None)
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_compare_rescores_for_another_limit_test_without_retraining(tmp_path):
+    """--limit-test decides which test images are scored, not what is trained: a rerun with
+    another one scores the same runs again."""
+    kw = dict(out=tmp_path / "cmp", epochs=1, latent_dim=2, limit_train=60, iwae_samples=2,
+              device="cpu", progress=False)
+    compare(["vae"], [0], limit_test=5, log=lambda m: None, **kw)
+    logs = []
+    res = compare(["vae"], [0], limit_test=7, log=logs.append, **kw)
+    assert not any("training" in m or "resuming" in m for m in logs), logs
+    assert res["runs"]["vae"][0]["n"] == 7

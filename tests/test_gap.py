@@ -568,3 +568,21 @@ def test_uncertainty_figure_writes_each_images_gap_under_it(monkeypatch, tmp_pat
     plain = Image.open(plots.uncertainty_extremes(model, data, [4, 2], [0, 3],
                                                   tmp_path / "v.png")).size
     assert with_gaps[0] == plain[0] and with_gaps[1] > plain[1]
+
+
+def test_a_diverging_qstar_fit_stops_in_one_line_naming_the_step_and_qstar_lr():
+    """Too large an Adam step makes q*'s ELBO non-finite: a one-line TrainingDivergedError
+    that says which step and to lower --qstar-lr, not a torch.distributions traceback; the
+    model is left as it came."""
+    from gpvae.errors import TrainingDivergedError
+
+    torch.manual_seed(0)
+    model = build_model("vae", SHAPE, latent_dim=2)
+    x = torch.rand(3, *SHAPE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        q = model.posterior(x)
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(TrainingDivergedError, match=r"q\* fit diverged at step \d+ .*"
+                                                     r"smaller --qstar-lr \(now 1e\+30\)"):
+        fit_diagonal_gaussian(model, x, q.mean, q.stddev, steps=50, lr=1e30, check_every=5)
+    assert [p.requires_grad for p in model.parameters()] == flags

@@ -547,3 +547,45 @@ def test_make_adam_falls_back_to_unfused_with_param_groups(monkeypatch):
     opt.step()
     assert torch.allclose(a, torch.full((3,), 0.9)) and torch.equal(b, torch.ones(2))
     assert groups == [{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.0}]
+
+
+def test_a_run_that_finished_no_epoch_may_restart_with_other_settings(tmp_path):
+    """A run diverged or killed before its first epoch ended kept nothing: --resume may then
+    change its settings (the divergence message says to), and the run equals a fresh one
+    with the new settings; once an epoch is kept, changed settings are refused."""
+    out = tmp_path / "r"
+    with pytest.raises(TrainingDivergedError, match=r"--resume and a smaller --lr"):
+        _quiet(_tiny(out, lr=1e12))
+    assert not (out / "last.safetensors").exists()
+    logs = []
+    train(_tiny(out, lr=1e-3), resume=True, progress=False, log=logs.append)
+    assert any("finished no epoch: starting it over with the new settings (lr 1000000000000.0 "
+               "-> 0.001)" in m for m in logs), logs
+    fresh = tmp_path / "fresh"
+    _quiet(_tiny(fresh, lr=1e-3))
+    a, b = (read_checkpoint(d / "last.safetensors")[0] for d in (out, fresh))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match=r"\(lr 0.001 -> 0.002\).*another --out"):
+        _quiet(_tiny(out, lr=2e-3, epochs=2), resume=True)
+    # --limit-test decides only which test images are scored: it may change
+    _quiet(_tiny(out, lr=1e-3, epochs=2, limit_test=10), resume=True)
+
+
+@pytest.mark.parametrize("field,value", [("seed", None), ("seed", 1.5), ("seed", -1),
+                                         ("seed", 2**64), ("split_seed", "x"), ("lr", "fast"),
+                                         ("epochs", 0)])
+def test_a_hand_edited_config_is_refused_in_one_line_naming_the_file(tmp_path, field, value):
+    import json
+
+    from gpvae.errors import CheckpointError
+    from gpvae.rundir import read_config
+
+    out = tmp_path / "r"
+    _quiet(_tiny(out))
+    raw = json.loads((out / "config.json").read_text())
+    raw[field] = value
+    (out / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=r"config.json holds an invalid setting: --"):
+        read_config(out)
+    with pytest.raises(CheckpointError, match="invalid setting"):  # and --resume says so
+        _quiet(_tiny(out, epochs=2), resume=True)

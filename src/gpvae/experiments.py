@@ -20,16 +20,61 @@ and keeps its score in ``eval.json``.  Results go to
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
+import os
+import re
+
+from .checkpoint import atomic_write_text, json_text
 from .devices import resolve_device
 from .errors import ConfigError
-from .grid.runs import RunSpec, run_one
+from .grid.runs import RunSpec, read_json, run_one
 from .models import parse_model_list, run_dir_name
-from .rundir import TrainConfig
+from .rundir import TrainConfig, check_out_path, check_seed
+
+#: what a comparison writes into ``--out`` besides its MODEL/seedS run directories
+RESULT_FILES = ("results.json", "results.md")
+_RUN_ENTRY = re.compile(r"seed\d+")
+
+
+def check_seeds(seeds) -> list[int]:
+    """``--seeds`` as a list of distinct seeds (one run per seed: a seed given twice would
+    count one run twice and fake the statistics)."""
+    seeds = [check_seed(s, "--seeds") for s in seeds]
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if not seeds or twice:
+        raise ConfigError("--seeds needs at least one seed" if not seeds else
+                          f"--seeds names {', '.join(map(str, twice))} more than once")
+    return seeds
+
+
+def check_compare_out(out) -> Path:
+    """``--out`` of a comparison: new, empty, or a comparison's own directory -- its
+    ``results.json`` (when there is a ``results.md``, the JSON must be there and be a
+    comparison's) and MODEL/seedS run directories -- so a user's files are never
+    overwritten.  A one-line ConfigError names what does not belong."""
+    out = check_out_path(out)
+    if not out.is_dir():
+        return out
+    ours = read_json(out / "results.json")
+    ours = isinstance(ours, dict) and {"models", "seeds", "runs"} <= ours.keys()
+    foreign = []
+    for entry in sorted(os.listdir(out)):
+        path = out / entry
+        if entry in RESULT_FILES and path.is_file() and ours:
+            continue
+        if path.is_dir() and not path.is_symlink() and all(
+                _RUN_ENTRY.fullmatch(e) and (path / e).is_dir() for e in os.listdir(path)):
+            continue
+        foreign.append(entry)
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" (+{len(foreign) - 4} more)" if len(foreign) > 4
+                                           else "")
+        raise ConfigError(f"--out {out} is not empty and is not a comparison's directory (it "
+                          f"holds {shown}); gpvae compare writes only into a new or empty "
+                          "directory or its own: choose another --out")
+    return out
 
 
 def compare_runs(models, seeds, *, out, dataset="mnist", data_dir=None, epochs=20,
@@ -63,9 +108,11 @@ def compare(models, seeds, *, out, dataset="mnist", data_dir=None, epochs=20, la
 
     Each run goes through :func:`gpvae.grid.runs.run_one`, the grid's one code path for
     training-then-scoring a run (a finished run is reused from its ``eval.json``, a killed
-    one resumed); unlike a grid, the first error stops the comparison."""
+    one resumed); unlike a grid, the first error stops the comparison.  ``out`` must be new,
+    empty or a comparison's own (:func:`check_compare_out`); ``seeds`` distinct."""
     device = resolve_device(device)
-    out = Path(out)
+    out = check_compare_out(out)
+    seeds = check_seeds(seeds)
     models = list(parse_model_list(models))  # canonical labels
     scores: dict[str, dict[int, dict]] = {}
     for name, seed, run in compare_runs(models, seeds, out=out, dataset=dataset,
@@ -84,7 +131,7 @@ def compare(models, seeds, *, out, dataset="mnist", data_dir=None, epochs=20, la
               "iwae_samples": iwae_samples,
               "seeds": list(seeds), "models": table, "runs": scores}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "results.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "results.json", json_text(result, indent=2) + "\n")
     atomic_write_text(out / "results.md", markdown_table(result))
     return result
 

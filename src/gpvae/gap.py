@@ -55,7 +55,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -63,9 +62,9 @@ from typing import NamedTuple
 import torch
 from torch.distributions import Independent, Normal
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, json_text
 from .devices import model_device_dtype
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, TrainingDivergedError
 from .models.base import posterior_without_grad
 
 #: the family q* is fitted in
@@ -131,6 +130,11 @@ def initial_diagonal_gaussian(q, samples: int = 1000) -> tuple[torch.Tensor, tor
     return mean.detach().clone(), std.detach().clone()
 
 
+def _diverged(step: int, lr: float) -> TrainingDivergedError:
+    return TrainingDivergedError(f"the q* fit diverged at step {step} (its ELBO or gradient "
+                                 f"became non-finite); try a smaller --qstar-lr (now {lr:g})")
+
+
 def fit_diagonal_gaussian(model, x: torch.Tensor, init_mean: torch.Tensor,
                           init_std: torch.Tensor, *, steps: int = 5000, lr: float = 3e-2,
                           tol: float = 0.05, check_every: int = 100, mc_samples: int = 4,
@@ -154,7 +158,8 @@ def fit_diagonal_gaussian(model, x: torch.Tensor, init_mean: torch.Tensor,
 
     Noise comes from torch's global RNG (seed it for reproducible results).  The model's
     parameters are frozen for the fit and restored after; nothing else of the model is
-    changed.  Returns a :class:`QStarFit`.
+    changed.  Returns a :class:`QStarFit`; a non-finite ELBO or gradient (too large an
+    ``lr``) stops it with a one-line :class:`~gpvae.errors.TrainingDivergedError`.
     """
     if steps < 0 or check_every < 1 or mc_samples < 1 or eval_samples < 1:
         raise ConfigError("fit_diagonal_gaussian: steps must be >= 0 and check_every, "
@@ -186,6 +191,9 @@ def fit_diagonal_gaussian(model, x: torch.Tensor, init_mean: torch.Tensor,
                 eps = torch.randn(mc_samples, *m.shape, device=m.device, dtype=m.dtype)
                 loss = -diagonal_elbo(model, x[active], m, ls, eps).sum()
                 mean.grad, log_std.grad = torch.autograd.grad(loss, (mean, log_std))
+            if not (torch.isfinite(loss) and torch.isfinite(mean.grad).all()
+                    and torch.isfinite(log_std.grad).all()):
+                raise _diverged(t, lr)
             opt.step()  # rows of stopped instances drift on Adam's momentum: never read again
             with torch.no_grad():
                 sum_mean[active] += mean[active]
@@ -198,6 +206,8 @@ def fit_diagonal_gaussian(model, x: torch.Tensor, init_mean: torch.Tensor,
             with torch.no_grad():
                 m, ls = sum_mean[active] / count, sum_log_std[active] / count
                 score = diagonal_elbo(model, x[active], m, ls, eval_noise[:, active])
+                if not torch.isfinite(score).all():
+                    raise _diverged(t, lr)
                 done = score < elbo[active] + tol
                 qstar_mean[active], qstar_log_std[active], elbo[active] = m, ls, score
                 row = torch.full_like(elbo, math.nan)
@@ -489,7 +499,7 @@ def run_gap(args) -> dict:
                            "gap then mixes the family's gain with amortization")
     summary["csv"] = str(csv_path)
     if args.json:
-        print(json.dumps(summary))
+        print(json_text(summary))
         return summary
     print(f"inference gaps of {cfg.model} ({args.run_dir}, {args.checkpoint} checkpoint) on "
           f"{summary['n']} {cfg.dataset} {args.split} images, nats per image")

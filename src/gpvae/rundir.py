@@ -130,6 +130,18 @@ def is_run_dir(path: Path) -> bool:
 # --------------------------------------------------------------------------------------
 # What defines a run, and reading one back
 # --------------------------------------------------------------------------------------
+#: the largest seed a run, an evaluation or a comparison accepts (seeds are 0 .. 2^32 - 1)
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(value, flag: str) -> int:
+    """``value`` as a seed (an int in 0 .. :data:`MAX_SEED`), else a one-line ConfigError
+    naming ``flag``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{flag} must be an integer from 0 to {MAX_SEED}, got {value!r}")
+    return value
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a run.  Defaults follow the paper's Sec. 8 except ``epochs``."""
@@ -153,6 +165,13 @@ class TrainConfig:
     precision: str = "fp32"
 
     def validate(self) -> None:
+        """Every setting, the output path and the device (a one-line ConfigError)."""
+        check_out_path(self.out)
+        self.check_values()
+        resolve_device(self.device)
+
+    def check_values(self) -> None:
+        """Every setting's type and range (a one-line ConfigError naming its flag)."""
         def positive(name, value, allow_none=False):
             if value is None and allow_none:
                 return
@@ -160,7 +179,8 @@ class TrainConfig:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
 
-        check_out_path(self.out)
+        check_seed(self.seed, "--seed")
+        check_seed(self.split_seed, "--split-seed")
         positive("epochs", self.epochs)
         positive("batch_size", self.batch_size)
         positive("valid_samples", self.valid_samples)
@@ -168,7 +188,6 @@ class TrainConfig:
         positive("limit_test", self.limit_test, allow_none=True)
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"--lr must be a positive number, got {self.lr!r}")
-        resolve_device(self.device)
         check_precision(self.precision)
 
 
@@ -205,6 +224,10 @@ def read_config(run_dir) -> TrainConfig:
                               f"(known: {', '.join(DATASETS)})")
     if not isinstance(cfg.model_options, dict):
         raise CheckpointError(f"{path}: model_options is not a JSON object")
+    try:
+        cfg.check_values()
+    except ConfigError as exc:  # a hand-edited file: name it, not a flag the user never gave
+        raise CheckpointError(f"{path} holds an invalid setting: {exc}") from None
     if cfg.model in MODELS:  # an unknown model is refused when the run is built
         try:
             cfg.model_options = current_options(cfg.model, cfg.model_options)
@@ -214,8 +237,9 @@ def read_config(run_dir) -> TrainConfig:
 
 
 #: the settings a run may change when it is continued (``--resume``, a rerun of a grid or a
-#: comparison): how long, where it runs and where its data lie -- not what is trained
-MUTABLE_FIELDS = ("epochs", "device", "out", "data_dir")
+#: comparison): how long, where it runs, where its data lie and how many test images a
+#: comparison scores -- not what is trained
+MUTABLE_FIELDS = ("epochs", "device", "out", "data_dir", "limit_test")
 
 
 def config_differences(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
@@ -235,6 +259,27 @@ def config_differences(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
         else:
             out.append(f"{k} {old[k]!r} -> {new[k]!r}")
     return out
+
+
+def run_progress(path) -> dict:
+    """The training metadata of a run's checkpoint ``path`` (``last.safetensors``): its
+    finished ``epoch`` (an int >= 1), the per-epoch ``history`` (one dict per epoch) and the
+    ``best`` epoch so far ({"epoch", "valid_elbo"}); anything else -- a damaged or
+    hand-edited file -- is a one-line :class:`~gpvae.errors.CheckpointError`."""
+    from .checkpoint import read_checkpoint
+
+    meta = read_checkpoint(path)[2]
+    epoch, history, best = meta.get("epoch"), meta.get("history"), meta.get("best")
+    ok = (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1
+          and isinstance(history, list) and len(history) == epoch
+          and all(isinstance(row, dict) for row in history)
+          and isinstance(best, dict) and isinstance(best.get("epoch"), int)
+          and isinstance(best.get("valid_elbo"), (int, float)))
+    if not ok:
+        raise CheckpointError(f"{path} is not a valid gpvae run checkpoint (its epoch, history "
+                              "or best-epoch record is missing or malformed); delete the run "
+                              "directory to train it again")
+    return meta
 
 
 def build_from_config(cfg: TrainConfig, image_shape):

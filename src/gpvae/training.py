@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from .compiling import TrainingStep, apply_fused_trunks, check_compile_option, compile_enabled
-from .checkpoint import (atomic_write_text, load_checkpoint, read_checkpoint,
-                         remove_orphan_temps, save_checkpoint)
+from .checkpoint import (atomic_write_text, load_checkpoint, remove_orphan_temps,
+                         save_checkpoint)
 from .devices import resolve_device
 from .errors import CheckpointError, ConfigError, DataError, TrainingDivergedError
 from .evaluation import estimate
@@ -36,7 +36,7 @@ from .precision import check_precision, precision_context
 from .progress import progress_bar
 from .rundir import (BEST, CONFIG_FILE, LAST, METRICS, RUN_FILES, TrainConfig,
                      build_from_config, config_differences, locked_run_dir, read_config,
-                     require_empty)
+                     require_empty, run_progress)
 
 #: the trainer's own columns of metrics.csv; a model's :meth:`epoch_summary` keys come
 #: between ``valid_elbo`` and ``seconds`` (:func:`metric_fields`)
@@ -149,11 +149,13 @@ def diverged_error(what: str, where: str, out: Path, epoch: int) -> TrainingDive
     """The error for a non-finite loss/gradient/weight, naming the last good checkpoint only
     if one was written (``epoch``: the epochs finished)."""
     if (out / LAST).is_file():
-        kept = f"the last good checkpoint is {out / LAST} (epoch {epoch})"
+        kept = (f"the last good checkpoint is {out / LAST} (epoch {epoch}); try a smaller --lr "
+                "or another --seed in a new run (another --out)")
     else:
-        kept = "no checkpoint was written (it happened before the first epoch finished)"
-    return TrainingDivergedError(f"{what} at {where}; {kept} (try a smaller --lr or another "
-                                 "--seed)")
+        kept = ("no checkpoint was written (it happened before the first epoch finished); "
+                f"rerun with --out {out} --resume and a smaller --lr or another --seed: the "
+                "run starts over")
+    return TrainingDivergedError(f"{what} at {where}; {kept}")
 
 
 def step_error(loss: float, grad_norm: float, epoch: int, step: int, steps: int,
@@ -233,13 +235,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     with locked_run_dir(out, create=not resume):
         done = 0
         if resume:
+            last_meta = run_progress(out / LAST) if (out / LAST).is_file() else {}
+            done = last_meta.get("epoch", 0)
             differ = config_differences(read_config(out), cfg)
-            if differ:
+            if differ and done:
                 raise ConfigError(f"--resume: the run in {out} was trained with other settings "
-                                  f"({'; '.join(differ)}); only --epochs, --device and "
-                                  "--data-dir may change when resuming (nothing was changed)")
-            last_meta = read_checkpoint(out / LAST)[2] if (out / LAST).is_file() else {}
-            done = int(last_meta.get("epoch", 0))
+                                  f"({'; '.join(differ)}); only --epochs, --device, "
+                                  "--data-dir and --limit-test may change when resuming "
+                                  "(nothing was changed; a new run needs another --out)")
+            if differ:  # no epoch finished: nothing of it is kept, so it may start anew
+                log(f"{out} finished no epoch: starting it over with the new settings "
+                    f"({'; '.join(differ)})")
             if cfg.epochs < done:
                 raise ConfigError(f"--resume --epochs {cfg.epochs}: the run in {out} has already "
                                   f"trained {done} epochs; pass --epochs {done} or more (nothing "

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, json_text
 from .devices import model_device_dtype
 from .errors import UnsupportedError
 from .models.base import without_grad
@@ -204,7 +203,7 @@ def run_uncertainty(args) -> dict:
             model, test, order[:k], order[-k:], args.png,
             gaps=None if gap is None else gap["amortization_gap"]))
     if args.json:
-        print(json.dumps(summary))
+        print(json_text(summary))
     else:
         print(f"GPVAE uncertainty on {summary['n']} {cfg.dataset} test images ({args.run_dir})")
         print(f"{'':<22}{'mean':>11}{'median':>11}{'p05':>11}{'p95':>11}")

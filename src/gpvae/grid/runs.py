@@ -25,11 +25,11 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import atomic_write_text, read_checkpoint
+from ..checkpoint import atomic_write_text, json_text, read_checkpoint
 from ..errors import ConfigError, GpvaeError, describe
 from ..evaluation import estimate
 from ..rundir import (CONFIG_FILE, LAST, LOCK_FILE, TrainConfig, config_differences,
-                      load_run, read_config, run_test_split)
+                      load_run, read_config, run_progress, run_test_split)
 from ..training import train
 
 EVAL_FILE = "eval.json"
@@ -148,7 +148,7 @@ def _attempt(run: RunSpec, progress: bool, log) -> dict:
     from ..rundir import locked_run_dir
 
     d, cfg = run.run_dir, run.cfg
-    if (d / CONFIG_FILE).is_file():  # an earlier run here: it must be this one
+    if (d / CONFIG_FILE).is_file() and _trained_epochs(d):  # an earlier run: this one?
         differ = config_differences(read_config(d), cfg)
         if differ:
             raise ConfigError(f"{d} holds a run trained with other settings "
@@ -169,8 +169,8 @@ def _attempt(run: RunSpec, progress: bool, log) -> dict:
         if ev is None:
             device = resolve_device(cfg.device)
             model, run_cfg = load_run(d, "best", device)
-            meta = read_checkpoint(d / LAST)[2]
-            if int(meta["epoch"]) != cfg.epochs:
+            meta = run_progress(d / LAST)
+            if meta["epoch"] != cfg.epochs:
                 raise ConfigError(f"{d} has trained {meta['epoch']} epochs, not {cfg.epochs}")
             test = _test_split(run_cfg, cfg.data_dir, cfg.limit_test)
             est = estimate(model, test, samples=run.iwae_samples, device=device,
@@ -182,7 +182,7 @@ def _attempt(run: RunSpec, progress: bool, log) -> dict:
                   "eval_seed": run.eval_seed, "best_epoch": meta["best"]["epoch"],
                   "best_valid_elbo": meta["best"]["valid_elbo"],
                   "test_iwae": est["test_iwae"], "estimate": est}
-            atomic_write_text(d / EVAL_FILE, json.dumps(ev, indent=2) + "\n")
+            atomic_write_text(d / EVAL_FILE, json_text(ev, indent=2) + "\n")
         if (d / ERROR_FILE).is_file():
             (d / ERROR_FILE).unlink()
     log(f"[{run.tag}] {run.label}: IWAE-{run.iwae_samples} {ev['estimate']['test_iwae']:.2f} "
