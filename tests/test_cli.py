@@ -175,3 +175,23 @@ def test_disk_full_during_a_checkpoint_write_is_one_line_and_loses_nothing(tmp_p
     assert sorted(os.listdir(out)) == sorted(before)  # no temporary file left behind
     for name in ("last.safetensors", "best.safetensors", "metrics.csv"):
         assert (out / name).read_bytes() == before[name], name
+
+
+def test_no_progress_silences_every_bar_of_the_command_and_is_undone_after(monkeypatch):
+    """--no-progress reaches bars the command does not draw itself (a data set's decoding,
+    grid workers) through GPVAE_PROGRESS=off while the command runs; the environment is
+    restored afterwards."""
+    import os
+
+    from gpvae import cli
+
+    seen = []
+    monkeypatch.setitem(cli.COMMANDS, "evaluate",
+                        lambda args: seen.append(os.environ.get("GPVAE_PROGRESS")) or 0)
+    monkeypatch.delenv("GPVAE_PROGRESS", raising=False)
+    assert cli.main(["evaluate", "somewhere", "--no-progress"]) == 0
+    assert seen == ["off"] and "GPVAE_PROGRESS" not in os.environ
+    monkeypatch.setenv("GPVAE_PROGRESS", "lines")
+    assert cli.main(["evaluate", "somewhere", "--no-progress"]) == 0
+    assert cli.main(["evaluate", "somewhere"]) == 0
+    assert seen[1:] == ["off", "lines"] and os.environ["GPVAE_PROGRESS"] == "lines"

@@ -315,8 +315,9 @@ def test_omniglot_subdirectory(omniglot_dir, tmp_path_factory):
 
 def test_omniglot_errors(tmp_path):
     path = tmp_path / "chardata.mat"
+    # where the file is in Burda's repository (datasets.py loads DATASETS_DIR/OMNIGLOT/chardata.mat)
     raises_data_error(lambda: load_splits("omniglot", tmp_path), "chardata.mat",
-                      "github.com/yburda/iwae")
+                      "github.com/yburda/iwae", "datasets/OMNIGLOT/chardata.mat")
     path.write_bytes(b"not a matlab file" * 20)
     raises_data_error(lambda: load_splits("omniglot", tmp_path), "chardata.mat", "corrupt")
     imgs = random_images(30, (28, 28), 0) / 255.0
@@ -528,9 +529,17 @@ def test_celeba_crop_split_and_cache(celeba_dir, monkeypatch):
     check_splits(grown, "celeba", 5, 1, 1)
     assert np.load(cache).shape[0] == N_CELEBA + 1
 
-    # an unreadable cache is rebuilt
+    # a cache overwritten after its key was written is rebuilt (its size no longer matches)
     cache.write_bytes(b"garbage")
-    with pytest.warns(UserWarning, match="cache"):
+    check_splits(load_splits("celeba", celeba_dir), "celeba", 17, 2, 2)
+    assert np.load(cache).shape[0] == N_CELEBA + 1
+
+    # an unreadable cache that its key still vouches for (same size and mtime) is rebuilt
+    # with a warning
+    st = cache.stat()
+    cache.write_bytes(b"\0" * st.st_size)
+    os.utime(cache, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.warns(UserWarning, match="unreadable cache"):
         check_splits(load_splits("celeba", celeba_dir), "celeba", 17, 2, 2)
     assert np.load(cache).shape[0] == N_CELEBA + 1
 
@@ -540,9 +549,163 @@ def test_celeba_unwritable_cache(celeba_dir, monkeypatch):
         raise PermissionError(13, "Read-only file system")
 
     monkeypatch.setattr(celeba_mod.os, "replace", refuse)
-    with pytest.warns(UserWarning, match="could not write the cache"):
+    with pytest.warns(UserWarning, match=r"^CelebA: cache not written, could not write .*"
+                                         r"celeba_64x64_uint8\.npy: Read-only file system"):
         check_splits(load_splits("celeba", celeba_dir), "celeba", 16, 2, 2)
     assert sorted(p.name for p in celeba_dir.iterdir()) == ["img_align_celeba"]  # nothing left
+
+
+def celeba_file_ids(data_dir: Path) -> list[int]:
+    """The ids of the CelebA images in file order, through the cache when it is valid."""
+    images, _ = celeba_mod.load(data_dir)
+    return celeba_ids(ImageData(images))
+
+
+@pytest.fixture
+def decodings(monkeypatch) -> list[int]:
+    """Record the number of images every call of the CelebA decoder decodes."""
+    calls: list[int] = []
+    decode_all = celeba_mod.decode_all
+
+    def spy(paths, **kwargs):
+        calls.append(len(paths))
+        return decode_all(paths, **kwargs)
+
+    monkeypatch.setattr(celeba_mod, "decode_all", spy)
+    return calls
+
+
+def replace_jpeg(path: Path, i: int, later_ns: int = 10**9) -> None:
+    """Overwrite ``path`` with image ``i`` and give it a later mtime, as a copy would have."""
+    st = path.stat()
+    celeba_jpeg(path, i)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + later_ns))
+
+
+def test_celeba_cache_follows_the_files(celeba_dir, decodings):
+    images = celeba_dir / "img_align_celeba"
+    files = sorted(images.iterdir())
+    assert celeba_file_ids(celeba_dir) == list(range(N_CELEBA)) and decodings == [N_CELEBA]
+    assert (celeba_dir / celeba_mod.KEY_FILE).is_file()
+    assert celeba_file_ids(celeba_dir) == list(range(N_CELEBA))
+    assert decodings == [N_CELEBA]  # the same files: the cache is used
+
+    # other JPEGs under the same names: new pixels, not the cached ones
+    for i, path in enumerate(files):
+        replace_jpeg(path, i + 10)
+    assert celeba_file_ids(celeba_dir) == list(range(10, N_CELEBA + 10))
+    assert decodings == [N_CELEBA] * 2
+    assert celeba_file_ids(celeba_dir) == list(range(10, N_CELEBA + 10))
+    assert decodings == [N_CELEBA] * 2
+
+    # one file touched (same bytes, later mtime): rebuilt
+    st = files[3].stat()
+    os.utime(files[3], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert celeba_file_ids(celeba_dir) == list(range(10, N_CELEBA + 10))
+    assert decodings == [N_CELEBA] * 3
+    # one file grown (a byte after the JPEG's end) with its mtime kept: rebuilt
+    st = files[5].stat()
+    files[5].write_bytes(files[5].read_bytes() + b"\0")
+    os.utime(files[5], ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert celeba_file_ids(celeba_dir) == list(range(10, N_CELEBA + 10))
+    assert decodings == [N_CELEBA] * 4
+
+
+@pytest.mark.parametrize("change", [("CROP_BOX", (0, 0, 178, 178)), ("RESAMPLE", "bilinear"),
+                                    ("DECODE_VERSION", celeba_mod.DECODE_VERSION + 1)],
+                         ids=["crop-box", "resize-filter", "version"])
+def test_celeba_cache_follows_the_decoding(celeba_dir, decodings, monkeypatch, change):
+    """Another crop box, resize filter, or a decoding change that only the version constant
+    shows: the cache is rebuilt, both ways."""
+    assert celeba_file_ids(celeba_dir) == list(range(N_CELEBA))
+    cache = celeba_dir / celeba_mod.CACHE_FILE
+    before = np.load(cache)
+    with monkeypatch.context() as m:
+        m.setattr(celeba_mod, *change)
+        celeba_mod.load(celeba_dir)
+        assert decodings == [N_CELEBA] * 2
+        if change[0] != "DECODE_VERSION":
+            assert not np.array_equal(np.load(cache), before)
+    assert celeba_file_ids(celeba_dir) == list(range(N_CELEBA))  # back to this decoding
+    assert decodings == [N_CELEBA] * 3 and np.array_equal(np.load(cache), before)
+
+
+def test_celeba_cache_without_key_is_rebuilt(celeba_dir, decodings):
+    # a cache written before keys existed: the right shape, the wrong pixels, no key file
+    cache = celeba_dir / celeba_mod.CACHE_FILE
+    np.save(cache, np.zeros((N_CELEBA, *celeba_mod.SHAPE), np.uint8))
+    assert celeba_file_ids(celeba_dir) == list(range(N_CELEBA)) and decodings == [N_CELEBA]
+    assert celeba_file_ids(celeba_dir) == list(range(N_CELEBA)) and decodings == [N_CELEBA]
+    # a .npy replaced after its key was written is not vouched for by the key
+    np.save(cache, np.zeros((N_CELEBA, *celeba_mod.SHAPE), np.uint8))
+    assert celeba_file_ids(celeba_dir) == list(range(N_CELEBA)) and decodings == [N_CELEBA] * 2
+    # a torn or foreign key file
+    for text in ("", "{", "[]", '{"format": 1}'):
+        (celeba_dir / celeba_mod.KEY_FILE).write_text(text)
+        assert celeba_file_ids(celeba_dir) == list(range(N_CELEBA))
+    assert decodings == [N_CELEBA] * 6
+
+
+class Killed(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("when", ["writing the array", "writing the key"])
+def test_celeba_cache_killed_while_written(celeba_dir, monkeypatch, when):
+    """A kill while the cache is rewritten never leaves a key that vouches for other pixels."""
+    files = sorted((celeba_dir / "img_align_celeba").iterdir())
+    originals = [(p.read_bytes(), p.stat()) for p in files]
+    assert celeba_file_ids(celeba_dir) == list(range(N_CELEBA))
+
+    def killed_rebuild():
+        def kill(*args, **kwargs):
+            raise Killed
+
+        with monkeypatch.context() as m:
+            if when == "writing the array":
+                m.setattr(celeba_mod.np, "save", kill)
+            else:
+                m.setattr(celeba_mod, "atomic_write_text", kill)
+            with pytest.raises(Killed):
+                celeba_mod.load(celeba_dir)
+        assert not [p for p in celeba_dir.iterdir() if p.name.endswith(".tmp")]
+
+    # other JPEGs, killed while caching them, then the original files restored exactly
+    # (bytes and mtimes): the key of the originals must not vouch for the new array
+    for i, path in enumerate(files):
+        replace_jpeg(path, i + 10)
+    killed_rebuild()
+    for path, (data, st) in zip(files, originals):
+        path.write_bytes(data)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert celeba_file_ids(celeba_dir) == list(range(N_CELEBA))
+
+    # other JPEGs, killed while caching them: the old array is not taken for theirs
+    for i, path in enumerate(files):
+        replace_jpeg(path, i + 10)
+    killed_rebuild()
+    assert celeba_file_ids(celeba_dir) == list(range(10, N_CELEBA + 10))
+
+
+def test_celeba_progress_follows_the_switch(celeba_dir, monkeypatch, capfd):
+    key = celeba_dir / celeba_mod.KEY_FILE
+    monkeypatch.setenv("GPVAE_PROGRESS", "off")  # what --no-progress amounts to
+    check_splits(load_splits("celeba", celeba_dir), "celeba", 16, 2, 2)
+    assert key.is_file() and capfd.readouterr().err == ""
+
+    key.unlink()
+    monkeypatch.setenv("GPVAE_PROGRESS", "bar")
+    celeba_mod.load(celeba_dir, progress=False)
+    assert key.is_file() and capfd.readouterr().err == ""
+
+    key.unlink()  # a log: one plain line, saying why the cache is rebuilt
+    monkeypatch.setenv("GPVAE_PROGRESS", "lines")
+    load_splits("celeba", celeba_dir)
+    err = capfd.readouterr().err
+    assert "\r" not in err and err.count("\n") == 1, err
+    assert "CelebA: decoding JPEGs" in err and "rebuilding" in err and f"{N_CELEBA}/{N_CELEBA} img" in err
+    load_splits("celeba", celeba_dir)  # the cache: nothing to decode, nothing printed
+    assert capfd.readouterr().err == ""
 
 
 def test_celeba_errors(celeba_dir):

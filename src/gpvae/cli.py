@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from dataclasses import MISSING, asdict, fields
 
@@ -589,6 +590,10 @@ def main(argv=None) -> int:
     tune_cpu_allocator()  # the same memory for the same batch, every batch (allocator.py)
     if getattr(args, "profile", False) and args.json:
         parser.error("--profile prints tables: it cannot be combined with --json")
+    quiet = getattr(args, "no_progress", False)
+    saved = os.environ.get("GPVAE_PROGRESS")
+    if quiet:  # every bar of the command, the data loaders' and grid workers' too
+        os.environ["GPVAE_PROGRESS"] = "off"
     try:
         return COMMANDS[args.command](args)
     except GpvaeError as exc:
@@ -607,6 +612,11 @@ def main(argv=None) -> int:
                  "demo": "; rerun the same command to continue"}.get(args.command, "")
         print(f"gpvae {args.command}: interrupted{again}", file=sys.stderr)
         return 130
+    finally:
+        if quiet and saved is None:
+            os.environ.pop("GPVAE_PROGRESS", None)
+        elif quiet:
+            os.environ["GPVAE_PROGRESS"] = saved
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,7 +1,7 @@
 """OMNIGLOT (Lake et al.), the 28x28 version of Burda et al. (IWAE, 2016).
 
 Source: ``chardata.mat`` from Burda et al.'s IWAE repository
-(https://github.com/yburda/iwae, ``datasets/OBF/chardata.mat``), looked for in
+(https://github.com/yburda/iwae, ``datasets/OMNIGLOT/chardata.mat``), looked for in
 ``data_dir`` or ``data_dir/omniglot``.  It is a MATLAB file (read with
 :func:`scipy.io.loadmat`) whose key ``data`` is a ``(784, 24345)`` array of training
 images and ``testdata`` a ``(784, 8070)`` array of test images, values in ``[0, 1]``.
@@ -29,7 +29,7 @@ LABEL = "OMNIGLOT"
 SHAPE = (1, 28, 28)
 FILE = "chardata.mat"
 ORIGIN = ("the 28x28 split from Burda et al.'s IWAE repository, github.com/yburda/iwae, "
-          "datasets/OBF/chardata.mat")
+          "datasets/OMNIGLOT/chardata.mat")
 
 
 def _expected(where: Path | str) -> str:
