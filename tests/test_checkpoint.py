@@ -109,3 +109,44 @@ def test_resume_from_a_checkpoint_with_malformed_metadata_is_one_line_and_change
     with pytest.raises(CheckpointError, match=needle):
         train(cfg, resume=True, progress=False, log=lambda *_: None)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_outputs_never_overwrite_a_runs_files_or_a_users_other_files(tmp_path):
+    """check_output_file: a run's own files (checkpoints, config, metrics, lock) are refused
+    as outputs; an existing file is replaced only when it is of the kind written (an
+    earlier output); a new file is fine."""
+    import zipfile
+
+    from gpvae.checkpoint import PNG, TORCH_EXPORT, OutputKind, check_output_file
+    from gpvae.errors import OutputError
+    from gpvae.rundir import TrainConfig
+    from gpvae.training import train
+
+    run = tmp_path / "run"
+    train(TrainConfig(out=str(run), model_options={"latent_dim": 2}, epochs=1, limit_train=60,
+                      batch_size=30, device="cpu"), progress=False, log=lambda *_: None)
+    for name in ("best.safetensors", "last.safetensors", "config.json", "metrics.csv",
+                 ".gpvae.lock"):
+        with pytest.raises(OutputError, match="is a file of the run"):
+            check_output_file(run / name, "--out")
+    assert check_output_file(run / "encoder.pt2", "--out", TORCH_EXPORT) == run / "encoder.pt2"
+    mine = tmp_path / "mine.csv"
+    mine.write_text("my precious notes\n")
+    gap_kind = OutputKind.csv("a gap CSV", "index,log_px")
+    with pytest.raises(OutputError, match="exists and is not a gap CSV"):
+        check_output_file(mine, "--csv", gap_kind)
+    mine.write_text("index,log_px,elbo_q\n0,1,2\n")  # an earlier output: replaced
+    assert check_output_file(mine, "--csv", gap_kind) == mine
+    picture = tmp_path / "p.png"
+    picture.write_text("not a png")
+    with pytest.raises(OutputError, match="is not a PNG image"):
+        check_output_file(picture, "--png", PNG)
+    picture.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(8))
+    assert check_output_file(picture, "--png", PNG) == picture
+    archive = tmp_path / "user.pt2"
+    archive.write_text("keep")
+    with pytest.raises(OutputError, match="torch.export archive"):
+        check_output_file(archive, "--out", TORCH_EXPORT)
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("user/archive_format", "pt2")
+    assert check_output_file(archive, "--out", TORCH_EXPORT) == archive

@@ -518,6 +518,7 @@ def test_uncertainty_with_gap_csv(gp_run, tmp_path, capsys):
     ({"split": "train"}, "--split test"),
     ({"checkpoint": "last"}, "--checkpoint last"),
     ({"drop": "amortization_gap"}, "not a gpvae gap file"),
+    ({"checkpoint_sha256": "0123456789abcdef"}, "another checkpoint than"),
 ])
 def test_uncertainty_refuses_a_gap_csv_of_other_images(gp_run, tmp_path, capsys, edit, needle):
     """A gap file of other images (another --limit-test, split or checkpoint), or not a gap
@@ -586,3 +587,25 @@ def test_a_diverging_qstar_fit_stops_in_one_line_naming_the_step_and_qstar_lr():
                                                      r"smaller --qstar-lr \(now 1e\+30\)"):
         fit_diagonal_gaussian(model, x, q.mean, q.stddev, steps=50, lr=1e30, check_every=5)
     assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_commands_refuse_to_overwrite_a_runs_checkpoint_or_a_users_file(gp_run, tmp_path,
+                                                                         capsys):
+    """export --out, gap --csv, uncertainty --csv/--png pointed at the run's own checkpoint
+    or at a user's file of another kind: a one-line error, the file untouched; --png must
+    name a .png file."""
+    best = gp_run / "best.safetensors"
+    before = best.read_bytes()
+    mine = tmp_path / "mine.csv"
+    mine.write_text("my precious notes\n")
+    for argv, needle in (
+            (["export", str(gp_run), "--out", str(best)], "is a file of the run"),
+            (["gap", str(gp_run), "--csv", str(best), *GAP_ARGS], "is a file of the run"),
+            (["gap", str(gp_run), "--csv", str(mine), *GAP_ARGS], "is not a gap CSV"),
+            (_uncertainty_args(gp_run, "--csv", str(mine)), "is not an uncertainty CSV"),
+            (_uncertainty_args(gp_run, "--png", str(tmp_path / "u.jpg")), "name a .png file")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert best.read_bytes() == before and mine.read_text() == "my precious notes\n"
+    assert not (tmp_path / "u.jpg").exists()

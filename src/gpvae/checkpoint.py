@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import stat
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -94,15 +95,27 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
         raise
 
 
-def check_output_file(path: str | os.PathLike, flag: str) -> Path:
+def check_output_file(path: str | os.PathLike, flag: str, kind=None) -> Path:
     """Check, before any work, that ``path`` can be written as a file by :func:`atomic_path`:
-    not a directory, and its nearest existing ancestor a writable directory.  Raises a
-    one-line :class:`~gpvae.errors.OutputError` naming ``flag`` otherwise."""
+    not a directory, not one of a run directory's own files (its checkpoints, configuration,
+    metrics or lock), its nearest existing ancestor a writable directory, and -- when it
+    exists and ``kind`` is given, an :class:`OutputKind` -- a file of that kind (an earlier
+    output, which may be replaced; anything else of the user's is never overwritten).
+    Raises a one-line :class:`~gpvae.errors.OutputError` naming ``flag`` otherwise."""
+    from .rundir import CONFIG_FILE, LOCK_FILE, RUN_FILES
+
     path = Path(path)
     if not os.fspath(path).strip():
         raise OutputError(f"{flag} must name a file, got {os.fspath(path)!r}")
     if path.is_dir():
         raise OutputError(f"{flag} {path} is a directory; name a file")
+    if path.name in (*RUN_FILES, LOCK_FILE) and (path.parent / CONFIG_FILE).is_file():
+        raise OutputError(f"{flag} {path} is a file of the run in {path.parent}; writing it "
+                          "would destroy the run: name another file (nothing was written)")
+    if kind is not None and path.exists() and not kind.matches(path):
+        raise OutputError(f"{flag} {path} exists and is not {kind.description}; gpvae replaces "
+                          "only its own earlier outputs: name another file (nothing was "
+                          "written)")
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -112,6 +125,47 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
         raise OutputError(f"{flag} {path}: cannot write in {parent} (permission denied or a "
                           "read-only file system)")
     return path
+
+
+class OutputKind:
+    """What an output file is, for :func:`check_output_file`: ``description`` (for the
+    error) and ``matches(path)``, whether an existing file is one (so may be replaced)."""
+
+    def __init__(self, description: str, matches):
+        self.description, self._matches = description, matches
+
+    def matches(self, path: Path) -> bool:
+        try:
+            return bool(self._matches(Path(path)))
+        except (OSError, ValueError, zipfile.BadZipFile):
+            return False
+
+    @classmethod
+    def csv(cls, description: str, header_prefix: str) -> "OutputKind":
+        """A CSV file whose header line starts with ``header_prefix``."""
+        def matches(path):
+            with open(path, "rb") as f:
+                return f.readline(4096).decode("utf-8").startswith(header_prefix)
+        return cls(description, matches)
+
+
+#: a PNG image (the figures of ``--png``)
+PNG = OutputKind("a PNG image", lambda p: open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n")
+#: a torch.export archive (``gpvae export``'s .pt2)
+TORCH_EXPORT = OutputKind("a torch.export archive (.pt2)", lambda p: zipfile.is_zipfile(p) and any(
+    n.endswith("/archive_format") for n in zipfile.ZipFile(p).namelist()))
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The first 16 hex digits of the SHA-256 of a file's bytes: which checkpoint (which
+    run, which training state) an output was computed from."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def remove_orphan_temps(directory: str | os.PathLike, names) -> list[str]:

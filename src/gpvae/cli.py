@@ -547,11 +547,12 @@ def cmd_grid(args) -> int:
 def cmd_export(args) -> int:
     from pathlib import Path
 
-    from .checkpoint import check_output_file
+    from .checkpoint import TORCH_EXPORT, check_output_file
     from .export import export_encoder
     from .rundir import load_run
 
-    path = check_output_file(args.out or Path(args.run_dir) / "encoder.pt2", "--out")
+    path = check_output_file(args.out or Path(args.run_dir) / "encoder.pt2", "--out",
+                             TORCH_EXPORT)
     model, cfg = load_run(args.run_dir, args.checkpoint, "cpu")
     path = export_encoder(model, path)
     print(f"exported the {cfg.model} encoder x -> (mean, variance) of q(z|x) to {path}; load "

@@ -72,7 +72,9 @@ QSTAR_FAMILY = "diagonal Gaussian"
 #: the per-instance CSV columns written by ``gpvae gap`` (and read by ``uncertainty``)
 CSV_COLUMNS = ("index", "log_px", "elbo_q", "elbo_qstar", "approximation_gap",
                "amortization_gap", "qstar_converged", "iwae_q", "iwae_qstar", "split",
-               "checkpoint")
+               "checkpoint", "checkpoint_sha256")
+#: the columns every gap file has (files written before ``checkpoint_sha256`` existed too)
+REQUIRED_COLUMNS = CSV_COLUMNS[:-1]
 #: the per-instance quantities summarized
 QUANTITIES = ("log_px", "elbo_q", "elbo_qstar", "approximation_gap", "amortization_gap")
 
@@ -351,15 +353,25 @@ def summarize(values: torch.Tensor) -> dict:
             "se": float(v.std() / math.sqrt(n)) if n > 1 else math.nan}
 
 
-def gap_rows(gaps: dict, split: str, checkpoint: str) -> list[dict]:
-    """The per-instance CSV rows (:data:`CSV_COLUMNS`)."""
+def checkpoint_file_digest(run_dir, checkpoint: str) -> str:
+    """:func:`gpvae.checkpoint.file_digest` of the run's ``best`` or ``last`` checkpoint:
+    recorded with the gaps, so ``uncertainty --gap-csv`` knows they are this run's."""
+    from .checkpoint import file_digest
+    from .rundir import BEST, LAST
+
+    return file_digest(Path(run_dir) / {"best": BEST, "last": LAST}[checkpoint])
+
+
+def gap_rows(gaps: dict, split: str, checkpoint: str, digest: str = "") -> list[dict]:
+    """The per-instance CSV rows (:data:`CSV_COLUMNS`); ``digest``: the checkpoint file's
+    (:func:`checkpoint_file_digest`)."""
     rows = []
     for i in range(int(gaps["log_px"].numel())):
         row = {"index": i}
         row.update({k: float(gaps[k][i]) for k in QUANTITIES})
         row.update(qstar_converged=int(gaps["qstar_converged"][i]),
                    iwae_q=float(gaps["iwae_q"][i]), iwae_qstar=float(gaps["iwae_qstar"][i]),
-                   split=split, checkpoint=checkpoint)
+                   split=split, checkpoint=checkpoint, checkpoint_sha256=digest)
         rows.append(row)
     return rows
 
@@ -385,7 +397,7 @@ def read_gap_csv(path) -> dict:
 
         raise DataError(f"--gap-csv {path}: cannot read it ({describe(exc)}); {how}") from None
     reader = csv.DictReader(io.StringIO(text))
-    missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
+    missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
     if missing:
         raise DataError(f"--gap-csv {path} is not a gpvae gap file (no column "
                         f"{', '.join(missing)}); {how}")
@@ -402,11 +414,12 @@ def read_gap_csv(path) -> dict:
     if not torch.isfinite(amort).all():
         raise DataError(f"--gap-csv {path}: an amortization gap is not finite")
     splits = {r["split"] for r in rows}
-    checkpoints = {r["checkpoint"] for r in rows}
+    checkpoints = {(r["checkpoint"], r.get("checkpoint_sha256") or "") for r in rows}
     if len(splits) != 1 or len(checkpoints) != 1:
         raise DataError(f"--gap-csv {path} mixes splits or checkpoints; {how}")
+    checkpoint, digest = checkpoints.pop()
     return {"index": index, "amortization_gap": amort, "approximation_gap": approx,
-            "split": splits.pop(), "checkpoint": checkpoints.pop()}
+            "split": splits.pop(), "checkpoint": checkpoint, "checkpoint_sha256": digest}
 
 
 def _index_range(index: list) -> str:
@@ -417,7 +430,9 @@ def _index_range(index: list) -> str:
 
 def check_gap_source(gap: dict, checkpoint: str, path, run_dir) -> None:
     """Refuse (one-line :class:`~gpvae.errors.ConfigError`) a gap file not made on the test
-    split with checkpoint ``checkpoint``, saying how to make them match."""
+    split with checkpoint ``checkpoint`` of this run (the checkpoint file's digest, where
+    the file records one: files written before it did cannot be checked), saying how to
+    make them match."""
     if gap["split"] != "test":
         raise ConfigError(f"--gap-csv {path} holds gaps of the {gap['split']} split, but "
                           f"uncertainty scores test images: rerun `gpvae gap {run_dir} "
@@ -427,6 +442,12 @@ def check_gap_source(gap: dict, checkpoint: str, path, run_dir) -> None:
                           f"uncertainty uses {checkpoint}: pass --checkpoint "
                           f"{gap['checkpoint']} here or rerun `gpvae gap {run_dir} "
                           f"--checkpoint {checkpoint}`")
+    digest = gap.get("checkpoint_sha256")
+    if digest and digest != checkpoint_file_digest(run_dir, checkpoint):
+        raise ConfigError(f"--gap-csv {path} was made from another checkpoint than {run_dir}'s "
+                          f"{checkpoint} one (another run, or this run before it trained "
+                          f"on): rerun `gpvae gap {run_dir} --checkpoint {checkpoint}` with "
+                          "its --limit-test")
 
 
 def check_gap_matches(gap: dict, n: int, checkpoint: str, path, run_dir) -> None:
@@ -462,7 +483,7 @@ def _split_data(cfg, split: str, data_dir, limit: int | None):
 
 def run_gap(args) -> dict:
     """``gpvae gap RUN_DIR``: per-instance gaps to CSV, the summary to stdout."""
-    from .checkpoint import check_output_file
+    from .checkpoint import OutputKind, check_output_file
     from .devices import resolve_device
     from .rundir import load_run, read_config
 
@@ -470,7 +491,9 @@ def run_gap(args) -> dict:
     read_config(args.run_dir)
     if args.split not in ("train", "test"):
         raise ConfigError(f"--split must be train or test, got {args.split!r}")
-    csv_path = check_output_file(args.csv or Path(args.run_dir) / "gap.csv", "--csv")
+    csv_path = check_output_file(args.csv or Path(args.run_dir) / "gap.csv", "--csv",
+                                 OutputKind.csv("a gap CSV", ",".join(REQUIRED_COLUMNS)))
+    digest = checkpoint_file_digest(args.run_dir, args.checkpoint)  # the file loaded next
     model, cfg = load_run(args.run_dir, args.checkpoint, device)
     data = _split_data(cfg, args.split, args.data_dir, args.limit_test)
     gaps = amortization_gaps(model, data, elbo_samples=args.elbo_samples,
@@ -479,7 +502,7 @@ def run_gap(args) -> dict:
                              check_every=args.qstar_window, mc_samples=args.qstar_samples,
                              batch_size=args.batch_size, seed=args.seed, device=device,
                              progress=not args.no_progress)
-    atomic_write_text(csv_path, rows_csv(gap_rows(gaps, args.split, args.checkpoint),
+    atomic_write_text(csv_path, rows_csv(gap_rows(gaps, args.split, args.checkpoint, digest),
                                          CSV_COLUMNS))
     family = model.variational_family()
     summary = {"run_dir": str(args.run_dir), "model": cfg.model, "dataset": cfg.dataset,

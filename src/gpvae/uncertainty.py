@@ -159,15 +159,19 @@ def rows_to_csv(rows: list[dict]) -> str:
 
 
 def run_uncertainty(args) -> dict:
-    from .checkpoint import check_output_file
+    from .checkpoint import PNG, OutputKind, check_output_file
     from .devices import resolve_device
+    from .errors import OutputError
     from .rundir import load_run, read_config, run_test_split
 
     device = resolve_device(args.device)
     read_config(args.run_dir)
-    csv_path = check_output_file(args.csv or Path(args.run_dir) / "uncertainty.csv", "--csv")
+    csv_path = check_output_file(args.csv or Path(args.run_dir) / "uncertainty.csv", "--csv",
+                                 OutputKind.csv("an uncertainty CSV", "index,tr_f,tr_h,total"))
     if args.png:
-        check_output_file(args.png, "--png")
+        if Path(args.png).suffix.lower() != ".png":
+            raise OutputError(f"--png {args.png}: the figure is a PNG image; name a .png file")
+        check_output_file(args.png, "--png", PNG)
     gap_csv = getattr(args, "gap_csv", None)
     gap = None
     if gap_csv:
