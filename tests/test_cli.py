@@ -195,3 +195,15 @@ def test_no_progress_silences_every_bar_of_the_command_and_is_undone_after(monke
     assert cli.main(["evaluate", "somewhere", "--no-progress"]) == 0
     assert cli.main(["evaluate", "somewhere"]) == 0
     assert seen[1:] == ["off", "lines"] and os.environ["GPVAE_PROGRESS"] == "lines"
+
+
+def test_every_option_of_every_command_is_explained_in_help():
+    """--help explains every option and argument (a shared option gets its common text)."""
+    from gpvae.cli import build_parser
+
+    parser = build_parser()
+    bare = {name: [a.dest for a in sub._actions if not a.help]
+            for name, sub in parser.commands.items()}
+    assert not {k: v for k, v in bare.items() if v}, bare
+    for sub in parser.commands.values():
+        sub.format_help()  # every %(default)s resolves

