@@ -52,3 +52,25 @@ def test_demo_times_full_batches_and_reports_the_median(tmp_path, monkeypatch, c
     assert rows[0]["ms_per_batch"] == 3.0  # median of 5, 1, 100, 2, 3 (the mean is 22.2)
     assert ("a batch of 128 test images, median of 5 passes, the test images repeated to "
             "fill it") in capsys.readouterr().out
+
+
+def test_a_demo_rerun_with_other_training_settings_is_refused_in_its_own_words(tmp_path):
+    """Rerunning the demo into its --out with another training budget is refused naming the
+    setting and the demo's --out (not a --resume the user never gave), the run unchanged."""
+    import pytest
+
+    from gpvae.errors import ConfigError
+    from gpvae.rundir import TrainConfig
+    from gpvae.training import train
+
+    run = tmp_path / "vae"
+    train(TrainConfig(out=str(run), model_options={"latent_dim": 2}, epochs=1, limit_train=60,
+                      limit_test=5, device="cpu"), progress=False, log=lambda *_: None)
+    before = (run / "last.safetensors").read_bytes()
+    args = SimpleNamespace(device="cpu", out=str(tmp_path), models="vae", epochs=1,
+                           limit_train=80, limit_test=5, iwae_samples=2, latent_dim=2,
+                           seed=0, no_progress=True)
+    with pytest.raises(ConfigError, match=r"--out .* holds a demo run of vae made with other "
+                                          r"settings \(limit_train 60 -> 80\)"):
+        demo.run_demo(args)
+    assert (run / "last.safetensors").read_bytes() == before
