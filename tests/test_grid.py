@@ -397,3 +397,97 @@ def test_local_pool_workers_spread_over_the_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     assert launchers.visible_gpus() == ["0", "1", "2"]
+
+
+def test_a_pool_worker_ends_when_the_grid_process_is_gone(monkeypatch):
+    """_die_with_parent: a worker whose parent died before the kernel was asked to signal
+    it ends at once; where there is no such signal (not Linux) a thread watches the parent
+    pid and ends the worker when it changes (the orphan was adopted)."""
+    import os
+    import time
+
+    from gpvae.grid import launchers
+
+    exits = []
+    monkeypatch.setattr(launchers, "_PARENT", None)
+    monkeypatch.setattr(os, "_exit", exits.append)
+    monkeypatch.setattr(launchers, "_linux_parent_death_signal", lambda: True)
+    monkeypatch.setattr(launchers.sys, "platform", "linux")
+    launchers._die_with_parent(os.getppid())  # the parent lives: nothing happens
+    assert exits == [] and launchers._PARENT == os.getppid()
+    launchers._die_with_parent(os.getppid() + 1)  # it died before the call
+    assert exits == [1]
+    launchers._die_with_parent(None)  # not a pool worker (jobs = 1, tests)
+    assert exits == [1]
+    monkeypatch.setattr(launchers, "run_one", lambda run, **kwargs: {"state": "done"})
+    monkeypatch.setattr(launchers, "_PARENT", os.getppid() + 1)  # orphaned meanwhile:
+    launchers._worker_run(None, False)  # a queued run is not started
+    assert exits == [1, 1]
+
+    exits.clear()
+    monkeypatch.setattr(launchers.sys, "platform", "darwin")
+    if os.name == "posix":  # (a thread for a live parent would outlive the test)
+        launchers._die_with_parent(os.getppid() + 1, interval=0.01)  # it is gone
+        deadline = time.monotonic() + 10
+        while not exits and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert exits == [1]
+
+
+def _grid_dir(fake_grid, tmp_path):
+    g, runs = fake_grid
+    (tmp_path / SPEC_COPY).write_text(g.source)  # the runs live in tmp_path
+    return g, runs, tmp_path
+
+
+def test_report_with_a_spec_scored_otherwise_is_refused_and_keeps_the_report(
+        fake_grid, tmp_path, tmp_path_factory, capsys):
+    """--report with a spec that the grid accepts (a rerun may change iwae_samples) but that
+    scores the runs otherwise than DIR/grid.toml: a one-line error, and the report stays --
+    it found no run scored that way and used to overwrite the tables with empty ones."""
+    from gpvae.cli import main
+    from gpvae.grid.report import FILES, REPORT_DIR
+
+    g, runs, out = _grid_dir(fake_grid, tmp_path)
+    assert main(["grid", "--out", str(out), "--report"]) == 0
+    files = {n: (out / REPORT_DIR / n).read_bytes() for n in FILES}
+    assert b"| VAE | **" in files["report.md"]  # complete tables
+    specs = tmp_path_factory.mktemp("specs")
+    other_k = specs / "k5.toml"
+    other_k.write_text(g.source.replace("iwae_samples = 3", "iwae_samples = 5"))
+    capsys.readouterr()
+    assert main(["grid", str(other_k), "--out", str(out), "--report"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "iwae_samples = 5 differs" in err and \
+        "nothing was written" in err, err
+    assert {n: (out / REPORT_DIR / n).read_bytes() for n in FILES} == files
+    # a spec that changes only what is shown, or adds runs, still reports these runs
+    shown = specs / "wider.toml"
+    shown.write_text(g.source.replace('"sa:2"]', '"sa:2", "hf:1"]') + "[report]\nalpha = 0.05\n")
+    assert main(["grid", str(shown), "--out", str(out), "--report"]) == 0
+    md = (out / REPORT_DIR / "report.md").read_text()
+    assert "p > 0.05" in md and "| VAE | **" in md and "| HF(1) | – [0/3 splits] |" in md
+    assert main(["grid", str(other_k), "--out", str(out), "--status"]) == 0  # only reads
+
+
+def test_status_says_to_delete_a_run_whose_checkpoint_is_damaged(fake_grid, tmp_path,
+                                                                 capsys):
+    """A CheckpointError fails every rerun the same way (it resumes from the same files):
+    --status says to delete that run's directory; other failures keep the usual line."""
+    from gpvae.cli import main
+
+    g, runs, out = _grid_dir(fake_grid, tmp_path)
+    by_key = {r.key: r for r in runs}
+    bad, diverged = by_key[("mnist", 2, "vae", 0, 1)], by_key[("mnist", 2, "sa:2", 1, 0)]
+    for run, kind in ((bad, "CheckpointError"), (diverged, "TrainingDivergedError")):
+        (run.run_dir / EVAL_FILE).unlink()
+        (run.run_dir / ERROR_FILE).write_text(json.dumps(
+            {"type": kind, "error": f"{run.run_dir}/last.safetensors: oops"}))
+    assert main(["grid", "--out", str(out), "--status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    hinted = [ln for ln in lines if ln.startswith(f"  {bad.label}: CheckpointError: ")]
+    assert len(hinted) == 1 and hinted[0].endswith(
+        f"; a rerun fails the same way (it cannot repair the run's files): delete "
+        f"{bad.run_dir} to train the run anew"), lines
+    assert f"  {diverged.label}: TrainingDivergedError: {diverged.run_dir}/last.safetensors: " \
+           "oops" in lines

@@ -3,7 +3,12 @@ images, 2 epochs): through submitit's LocalExecutor, killed midway and resumed t
 byte-identical tables through the local launcher's worker pool, --status and --report, failed runs
 recorded and retried, and a run held by another process left alone."""
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -171,6 +176,9 @@ def test_failed_runs_are_recorded_do_not_stop_the_grid_and_are_retried(
     monkeypatch.setattr(runs_mod, "train", failing_train)
     assert main(["grid", str(spec), "--out", str(out), "--no-progress"]) == 1
     monkeypatch.undo()
+    # a run says where its tables went, as --report does
+    assert f"[grid] report written to {out / REPORT_DIR}/report.{{md,tex,csv,json}}" in \
+        capfd.readouterr().err
     init0 = out / "mnist" / "d2" / "vae" / "split0" / "init0"
     init1 = init0.parent / "init1"
     e0 = json.loads((init0 / ERROR_FILE).read_text())
@@ -199,6 +207,37 @@ def test_failed_runs_are_recorded_do_not_stop_the_grid_and_are_retried(
     assert "[grid] mnist/d2/vae/split0/init1: IWAE-2 " in err
     assert not (init0 / ERROR_FILE).exists() and not (init1 / ERROR_FILE).exists()
     assert (init0 / EVAL_FILE).is_file() and (init1 / EVAL_FILE).is_file()
+
+
+def test_a_run_with_a_damaged_checkpoint_says_to_delete_its_directory(tmp_path, tiny_mnist,  # noqa
+                                                                      capfd):
+    """A truncated checkpoint fails the run on every rerun (the rerun resumes from it): the
+    run's failure line and --status say to delete the run's directory, which then works."""
+    spec = write_spec(tmp_path, tiny_mnist, SMALL.replace("inits = 2", "inits = 1"))
+    out = tmp_path / "grid"
+    assert main(["grid", str(spec), "--out", str(out), "--no-progress"]) == 0
+    run = out / "mnist" / "d2" / "vae" / "split0" / "init0"
+    (run / EVAL_FILE).unlink()  # a run killed before it was scored ...
+    with open(run / LAST, "r+b") as f:  # ... whose last checkpoint is damaged
+        f.truncate(100)
+    capfd.readouterr()
+    hint = f"delete {run} to train the run anew"
+    for _ in range(2):  # every rerun fails the same way
+        assert main(["grid", str(spec), "--out", str(out), "--no-progress"]) == 1
+        err = capfd.readouterr().err
+        assert "failed: CheckpointError: " in err, err
+        assert f"[grid] mnist/d2/vae/split0/init0 failed on its checkpoint (CheckpointError)" \
+            f"; a rerun fails the same way (it cannot repair the run's files): {hint}" in err
+    assert main(["grid", "--out", str(out), "--status"]) == 0
+    status = capfd.readouterr().out
+    assert re.search(r"init0: CheckpointError: .*last.safetensors is not a valid gpvae "
+                     rf"checkpoint.*; a rerun fails the same way .*: {re.escape(hint)}\n",
+                     status), status
+    import shutil
+
+    shutil.rmtree(run)  # as the hint says
+    assert main(["grid", str(spec), "--out", str(out), "--no-progress"]) == 0
+    assert "failed on its checkpoint" not in capfd.readouterr().err
 
 
 def test_a_run_held_by_another_process_is_skipped_and_a_lost_probe_retried(
@@ -303,3 +342,92 @@ def test_a_packed_grid_gives_the_unpacked_tables(uninterrupted, tmp_path, tiny_m
         assert got["test_iwae"] == pytest.approx(want["test_iwae"], rel=1e-4, abs=1e-3)
         assert got["best_valid_elbo"] == pytest.approx(want["best_valid_elbo"], rel=1e-4,
                                                        abs=1e-3)
+
+
+# --------------------------------------------------------------------------------------
+# the local pool's workers end with the gpvae grid process
+# --------------------------------------------------------------------------------------
+def _proc_stat(pid: int):
+    """(state, parent pid, start time) of a live process, or None when it is gone (a zombie
+    counts as gone: it runs nothing)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "
+    state, ppid, start = fields[0], int(fields[1]), fields[19]
+    return None if state in "ZXx" else (state, ppid, start)
+
+
+def _children(pid: int) -> dict:
+    """{pid: start time} of the live processes whose parent is ``pid``."""
+    kids = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = _proc_stat(int(entry))
+            if st is not None and st[1] == pid:
+                kids[int(entry)] = st[2]
+    return kids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="reads /proc; the kernel's parent-death signal is Linux's")
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT", "worker"])
+def test_the_pool_workers_end_with_the_grid_process(tmp_path, tiny_mnist, capsys,  # noqa
+                                                    sig):
+    """gpvae grid --jobs 2 killed (kill -9), or interrupted by a SIGINT sent to it alone (not
+    its process group, so the workers get none): its worker processes and the resource
+    tracker end within seconds, instead of training their runs and the queued ones on
+    (holding the runs' locks: a rerun skipped them) and then waiting forever.  A worker
+    killed (``worker``: e.g. by the out-of-memory killer) stops the grid with a one-line
+    error, not a traceback."""
+    spec = write_spec(tmp_path, tiny_mnist, SMALL.replace("epochs = 1", "epochs = 100000")
+                      .replace("inits = 2", "inits = 4"))  # runs that outlast the test
+    out = tmp_path / "grid"
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from gpvae.cli import main; sys.exit(main(sys.argv[1:]))")
+    with open(tmp_path / "stderr.log", "wb") as log:
+        parent = subprocess.Popen(
+            [sys.executable, "-c", code, "grid", str(spec), "--out", str(out), "--jobs", "2",
+             "--no-progress"], stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    kids = {}
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob(f"mnist/d2/vae/split0/init*/{LAST}")):  # a worker trains
+            assert parent.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "stderr.log").read_text()
+            time.sleep(0.2)
+        kids = _children(parent.pid)
+        assert len(kids) >= 2, kids  # the two workers (and the resource tracker)
+        if sig == "worker":
+            workers = [p for p in kids if b"spawn_main" in Path(f"/proc/{p}/cmdline")
+                       .read_bytes()]  # not the resource tracker
+            os.kill(workers[0], signal.SIGKILL)
+        else:
+            os.kill(parent.pid, getattr(signal, sig))
+        want = {"SIGINT": 130, "SIGKILL": -signal.SIGKILL, "worker": 2}[sig]
+        assert parent.wait(timeout=20) == want
+        deadline = time.monotonic() + 10
+        alive = kids
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.1)
+            alive = {p: t for p, t in kids.items() if (_proc_stat(p) or (0, 0, None))[2] == t}
+        assert not alive, f"still running after the grid process ended: {sorted(alive)}"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        for pid, start in kids.items():  # a failed test leaves no trainer behind
+            if (_proc_stat(pid) or (0, 0, None))[2] == start:
+                os.kill(pid, signal.SIGKILL)
+    err = (tmp_path / "stderr.log").read_text()
+    if sig == "SIGINT":
+        assert "gpvae grid: interrupted" in err, err
+    if sig == "worker":
+        assert "gpvae grid: error: a worker process died" in err and "Traceback" not in err, \
+            err
+    if sig != "SIGKILL":  # no "leaked semaphore" warning from the resource tracker
+        assert "leaked" not in err, err
+    # no lock left held: the next gpvae grid resumes every run (none "being run")
+    assert main(["grid", "--out", str(out), "--status"]) == 0
+    assert "4 runs: 0 done, 0 running, 0 failed, 4 pending" in capsys.readouterr().out

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..errors import ConfigError
-from .spec import (SPEC_COPY, Grid, check_gpus_per_run, claim_out_dir, expand, load_spec,
-                   parse_time, stored_spec)
+from .spec import (SCORE_KEYS, SPEC_COPY, Grid, check_gpus_per_run, claim_out_dir, expand,
+                   load_spec, parse_time, stored_spec)
 
 
 def _with_flags(g: Grid, args) -> Grid:
@@ -71,12 +71,16 @@ def grid_command(args) -> int:
     runs = expand(g, out)
     progress = not args.no_progress
     if args.status:
-        print(format_status(grid_status(runs), out), end="")
+        st = grid_status(runs)
+        _hint_checkpoint_failures(st, runs)
+        print(format_status(st, out), end="")
         return 0
     if args.report:
-        if stored_spec(out) is None:
+        stored = stored_spec(out)
+        if stored is None:
             raise ConfigError(f"{out} holds no grid yet (no {SPEC_COPY}); start it with "
                               "gpvae grid SPEC --out DIR")
+        _check_scored_alike(g, stored, out)
         r = write_report(g, runs, out)
         print(to_markdown(r), end="")
         echo(f"[grid] report written to {out / 'report'}/report.{{md,tex,csv,json}}")
@@ -119,7 +123,43 @@ def grid_command(args) -> int:
             echo(f"[grid] {failed} run(s) failed (see gpvae grid --out {out} --status); "
                  "rerunning the command retries them")
     print(to_markdown(r), end="")
+    echo(f"[grid] report written to {out / 'report'}/report.{{md,tex,csv,json}}")
     st = grid_status(runs)
+    for label, hint in _hint_checkpoint_failures(st, runs):
+        echo(f"[grid] {label} failed on its checkpoint ({CHECKPOINT_ERROR}); {hint}")
     echo(format_status(st, out).splitlines()[0])
     return 1 if st["totals"]["failed"] else 0
 
+
+def _check_scored_alike(g: Grid, stored: Grid, out) -> None:
+    """``--report`` with a spec: refused when the spec scores the runs otherwise than
+    ``DIR/grid.toml`` (:data:`~gpvae.grid.spec.SCORE_KEYS`): it would find no run scored
+    its way and overwrite the report with empty tables."""
+    for key in SCORE_KEYS:
+        if getattr(g, key) != getattr(stored, key):
+            raise ConfigError(
+                f"{g.path}: {key} = {getattr(g, key)!r} differs from {out}/{SPEC_COPY} "
+                f"({getattr(stored, key)!r}), the runs' scoring; --report only reads the runs "
+                f"and would find none scored so (nothing was written): leave out the spec to "
+                f"report {out}/{SPEC_COPY}, or run gpvae grid {g.path} --out {out} to re-score "
+                "them")
+
+
+#: the error type (``error.json``) of a run whose checkpoint or run files cannot be used
+CHECKPOINT_ERROR = "CheckpointError"
+
+
+def _hint_checkpoint_failures(st: dict, runs) -> list:
+    """Add to each failure in ``st`` (:func:`~gpvae.grid.status.grid_status`) whose error
+    is a :class:`~gpvae.errors.CheckpointError` what to do: a rerun resumes from the same
+    damaged files and fails again, so the run's directory must go.  Returns those runs'
+    (label, the hint)."""
+    dirs = {run.label: run.run_dir for run in runs}
+    hinted = []
+    for i, (label, error) in enumerate(st["failed"]):
+        if error.startswith(CHECKPOINT_ERROR + ":"):
+            hint = (f"a rerun fails the same way (it cannot repair the run's files): delete "
+                    f"{dirs[label]} to train the run anew")
+            st["failed"][i] = (label, f"{error}; {hint}")
+            hinted.append((label, hint))
+    return hinted

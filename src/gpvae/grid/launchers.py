@@ -8,6 +8,8 @@ is left to it.
 
 * :func:`run_local`: ``jobs`` worker processes (``jobs=1``: in this process, so Ctrl-C
   and debuggers behave as usual), a progress bar over the runs, the report at the end.
+  The workers end with this process however it ends -- Ctrl-C (to it alone, too), kill,
+  kill -9 -- rather than train on holding their runs' locks; the next call resumes them.
   With ``pack``, the new runs of each cell are first trained together as one vmapped
   computation (:func:`train_packs`, :mod:`gpvae.packing`); :func:`run_one` then finds
   them trained and only scores them (and resumes, one by one, any a kill cut short).
@@ -28,6 +30,8 @@ is left to it.
 from __future__ import annotations
 
 import os
+import sys
+import time
 from pathlib import Path
 
 from .runs import RunSpec, finished_eval, run_one
@@ -123,9 +127,11 @@ def run_local(runs: list[RunSpec], jobs: int = 1, progress: bool = True, log=pri
 def _pool(runs, jobs, progress, record) -> None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
     import torch
 
+    from ..errors import GpvaeError
     from ..progress import progress_mode
 
     # workers share this terminal: per-epoch lines (never competing redrawn bars), and
@@ -136,14 +142,37 @@ def _pool(runs, jobs, progress, record) -> None:
     gpus = visible_gpus()
     counter = ctx.Value("i", 0)  # the workers' start order: worker i gets GPU i mod n
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
-                             initargs=(threads, counter, gpus)) as pool:
+                             initargs=(threads, counter, gpus, os.getpid())) as pool:
         futures = {pool.submit(_worker_run, run, worker_progress): run for run in runs}
         try:
             for future in as_completed(futures):
                 record(futures[future], future.result())
+        except BrokenProcessPool:  # the executor has stopped the other workers
+            _stop_workers(pool)
+            raise GpvaeError("a worker process died (killed from outside, or by the system "
+                             "when memory ran out?), which stops the pool; rerun the same "
+                             "command to resume the runs cut short") from None
         except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
+            _stop_workers(pool)
             raise
+
+
+def _stop_workers(pool, grace: float = 5.0) -> None:
+    """Interrupted (Ctrl-C, even one sent to this process alone) or failed: cancel the
+    queued runs and end the workers now, mid-run, rather than wait for them to finish their
+    runs and start the ones already handed to them.  A run cut short resumes on the next
+    ``gpvae grid``, as after kill -9; its lock goes with its worker."""
+    # the executor forgets its processes on shutdown; no public API before Python 3.14
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join(grace)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(grace)
 
 
 def visible_gpus() -> list[str]:
@@ -158,12 +187,23 @@ def visible_gpus() -> list[str]:
         else []
 
 
-def _worker_init(threads: int, counter=None, gpus=()) -> None:
+def _worker_init(threads: int, counter=None, gpus=(), parent: int | None = None) -> None:
     """A pool worker: per-epoch log lines, its share of the CPU threads and, on a machine
     with several GPUs, one of them -- worker i (in start order) sees only GPU i mod n, so
     ``jobs`` workers spread over the GPUs (``device = "auto"`` / ``"cuda"`` then means that
-    GPU; several workers per GPU when jobs > n)."""
+    GPU; several workers per GPU when jobs > n).  ``parent``: the pid of the ``gpvae grid``
+    process; the worker ends when it dies (:func:`_die_with_parent`)."""
+    _die_with_parent(parent)
     os.environ.setdefault("GPVAE_PROGRESS", "lines")
+    if parent is not None:
+        import threading
+
+        from tqdm import tqdm
+
+        # a worker draws no bar (lines, or a disabled tqdm): a thread lock, not the
+        # process-shared semaphore tqdm would create and a stopped worker would leak
+        # (the resource tracker then warns about it)
+        tqdm.set_lock(threading.RLock())
     if counter is not None and len(gpus) > 1:
         with counter.get_lock():
             index = counter.value
@@ -174,9 +214,58 @@ def _worker_init(threads: int, counter=None, gpus=()) -> None:
     torch.set_num_threads(threads)
 
 
+#: the pid of the process that started this pool worker (None: not a pool worker)
+_PARENT: int | None = None
+
+
+def _die_with_parent(parent: int | None, interval: float = 1.0) -> None:
+    """End this pool worker when ``parent`` (the process that started it) dies, however it
+    dies (kill -9 and SIGTERM included): otherwise the worker would go on training its run
+    and the runs queued to it, holding their locks (a rerun skips them as "being run by
+    another process"), then wait for work forever.  On Linux the kernel sends it SIGKILL
+    (``prctl(PR_SET_PDEATHSIG)``); elsewhere on POSIX a thread polls the parent pid every
+    ``interval`` seconds; on Windows nothing is done.  Killing is safe: a run resumes from
+    its last checkpoint on the next ``gpvae grid``."""
+    global _PARENT
+    if parent is None:
+        return
+    _PARENT = parent
+    if sys.platform.startswith("linux") and _linux_parent_death_signal():
+        if os.getppid() != parent:  # it died before the call: no signal will come
+            os._exit(1)
+        return
+    if os.name == "posix":
+        import threading
+
+        threading.Thread(target=_watch_parent, args=(parent, interval), daemon=True,
+                         name="gpvae-parent-watch").start()
+
+
+def _linux_parent_death_signal() -> bool:
+    """Ask the kernel for SIGKILL when this process's parent dies; False if it cannot."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        return libc.prctl(ctypes.c_int(pr_set_pdeathsig), ctypes.c_ulong(int(signal.SIGKILL)),
+                          ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)) == 0
+    except (OSError, AttributeError, TypeError):  # no libc prctl (e.g. a static build)
+        return False
+
+
+def _watch_parent(parent: int, interval: float) -> None:
+    while os.getppid() == parent:  # an orphan is adopted by another process
+        time.sleep(interval)
+    os._exit(1)
+
+
 def _worker_run(run: RunSpec, progress: bool) -> dict:
     from ..progress import echo
 
+    if _PARENT is not None and os.getppid() != _PARENT:  # orphaned: start nothing new
+        os._exit(1)
     return run_one(run, progress=progress, log=echo)
 
 

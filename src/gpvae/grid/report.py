@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from pathlib import Path
 
 from .runs import finished_eval
 from .spec import Grid
+from ..checkpoint import json_text
 
 REPORT_DIR = "report"
 FILES = ("report.md", "report.tex", "report.csv", "report.json")
@@ -228,7 +228,7 @@ def to_csv(r: dict) -> str:
 def render(r: dict) -> dict[str, str]:
     """{file name: text} of the four report files."""
     return {"report.md": to_markdown(r), "report.tex": to_latex(r), "report.csv": to_csv(r),
-            "report.json": json.dumps(r, indent=2) + "\n"}
+            "report.json": json_text(r, indent=2) + "\n"}
 
 
 def write_report(g: Grid, runs, out) -> dict:

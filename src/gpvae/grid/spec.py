@@ -82,6 +82,9 @@ _REPORT = ("test", "alpha")
 #: what defines a run: a rerun in the same DIR must keep these (sets may only grow)
 RUN_KEYS = ("epochs", "limit_train", "limit_test", "batch_size", "lr", "valid_samples",
             "likelihood", "sigma_x", "decoder")
+#: what a run's score depends on besides its RUN_KEYS: a rerun may change these (finished
+#: runs are re-scored), ``--report`` may not (it only reads what the runs were scored with)
+SCORE_KEYS = ("iwae_samples",)
 
 
 @dataclass
