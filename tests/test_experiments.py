@@ -118,6 +118,14 @@ def test_compare_refuses_a_rerun_with_other_settings_and_changes_nothing(tmp_pat
         compare(["vae"], [0], latent_dim=2, limit_train=50, **kw)
     assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()} == before
     assert (tmp_path / "cmp" / "results.json").read_bytes() == results
+    # every existing run is checked before any is trained: a new model listed first is not
+    # trained into a directory the comparison then refuses
+    with pytest.raises(ConfigError, match=r"limit_train 100 -> 50"):
+        compare(["gpvae", "vae"], [0], latent_dim=2, limit_train=50, **kw)
+    assert not (tmp_path / "cmp" / "gpvae").exists()
+    # an option given at its default is the same run as one left out
+    compare(["vae"], [0], latent_dim=2, limit_train=100,
+            model_options={"vae": {"sigma_x": 0.1}}, **kw)
     # more epochs continue the same runs
     compare(["vae"], [0], latent_dim=2, limit_train=100, **{**kw, "epochs": 2})
     assert read_config(run).epochs == 2
@@ -139,14 +147,16 @@ def test_compare_writes_only_into_a_new_empty_or_comparison_directory(tmp_path):
         assert [p.name for p in out.iterdir()] == [name]
         assert (out / name).read_text() == text
     out = tmp_path / "cmp"
-    compare(["vae"], [0], out=out, **kw)  # new: fine; and its own directory again
+    compare(["vae"], [0], out=out, **kw)  # new: fine; and its own directory again, also
+    (out / ".results.json.0123456789abcdef.tmp").write_text("{")  # after a kill mid-write
     compare(["vae"], [0, 1], out=out, **kw)
-    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "vae"]
+    assert sorted(p.name for p in out.iterdir()) == [".results.json.0123456789abcdef.tmp",
+                                                     "results.json", "results.md", "vae"]
 
 
 @pytest.mark.parametrize("seeds,needle", [([0, 0], "names 0 more than once"),
                                           ([1, 2, 1], "names 1 more than once"),
-                                          ([-1], "from 0 to"), ([2**40], "from 0 to"),
+                                          ([-1], "from 0 to"), ([2**63], "from 0 to"),
                                           ([], "at least one")])
 def test_compare_refuses_repeated_or_out_of_range_seeds_before_any_work(tmp_path, seeds,
                                                                          needle):
@@ -171,3 +181,25 @@ def test_compare_rescores_for_another_limit_test_without_retraining(tmp_path):
     res = compare(["vae"], [0], limit_test=7, log=logs.append, **kw)
     assert not any("training" in m or "resuming" in m for m in logs), logs
     assert res["runs"]["vae"][0]["n"] == 7
+
+
+def test_bernoulli_scores_from_before_the_fixed_binarization_are_scored_again(tmp_path):
+    """An eval.json written when a Bernoulli run's test images were binarized with the
+    evaluation seed (no binarization_seed recorded) is not reused next to today's scores;
+    a Gaussian run's is (its images never depended on a seed)."""
+    import json
+
+    kw = dict(out=tmp_path / "cmp", epochs=1, latent_dim=2, limit_train=60, limit_test=5,
+              iwae_samples=2, device="cpu", progress=False,
+              model_options={"vae": {"likelihood": "bernoulli"}})
+    compare(["vae", "hf:1"], [0], log=lambda m: None, **kw)
+    for name in ("vae", "hf-1"):
+        path = tmp_path / "cmp" / name / "seed0" / "eval.json"
+        ev = json.loads(path.read_text())
+        assert ev["binarization_seed"] == 0
+        del ev["binarization_seed"]  # as written before
+        path.write_text(json.dumps(ev))
+    logs = []
+    compare(["vae", "hf:1"], [0], log=logs.append, **kw)
+    scored = [m for m in logs if "IWAE-2" in m]
+    assert len(scored) == 1 and scored[0].startswith("[compare] vae seed 0"), logs

@@ -52,6 +52,9 @@ def spec(extra="", base=BASE):
     (BASE.replace("[2]", "[true]"), ["latent_dims", "True"]),
     (BASE.replace("latent_dims = [2]", ""), ["latent_dims is required"]),
     (BASE + "split_seeds = [0, 1]\n", ["splits or split_seeds, not both"]),
+    # a run's seed is 1000 split + init: it must stay a seed (<= 2^63 - 1)
+    (BASE.replace("splits = 3", "split_seeds = [9223372036854776]"),
+     ["split_seeds", "<= 9223372036854774"]),
     (BASE.replace("inits = 2", "init_seeds = [0, 1000]"), ["init_seeds", "<= 999"]),
     (BASE.replace("inits = 2", "init_seeds = [3, 3]"), ["init_seeds", "twice"]),
     (BASE + "lr = -1\n", ["lr", "positive"]),

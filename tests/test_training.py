@@ -589,3 +589,14 @@ def test_a_hand_edited_config_is_refused_in_one_line_naming_the_file(tmp_path, f
         read_config(out)
     with pytest.raises(CheckpointError, match="invalid setting"):  # and --resume says so
         _quiet(_tiny(out, epochs=2), resume=True)
+
+
+def test_weights_that_overflow_in_validation_stop_as_a_divergence(tmp_path):
+    """One giant Adam step leaves the weights finite but q(z|x) of the validation images
+    non-finite: a one-line TrainingDivergedError naming the epoch, not torch's traceback
+    from inside the sampler."""
+    with pytest.raises(TrainingDivergedError, match=r"q\(z\|x\) of the validation images "
+                                                    r"became non-finite .* at epoch 1; no "
+                                                    r"checkpoint"):
+        _quiet(_tiny(tmp_path / "r", lr=1e12, batch_size=128))
+    assert not (tmp_path / "r" / "last.safetensors").exists()

@@ -46,8 +46,8 @@ def _positive_float(text: str) -> float:
 
 positive_int = _int_at_least(1)
 nonneg_int = _int_at_least(0)
-#: every seed of every command: 0 .. 2^32 - 1 (:data:`gpvae.rundir.MAX_SEED`)
-seed_int = _int_at_least(0, 2**32 - 1)
+#: every seed of every command: 0 .. 2^63 - 1 (:data:`gpvae.rundir.MAX_SEED`)
+seed_int = _int_at_least(0, 2**63 - 1)
 
 
 def _model_option_fields():
@@ -635,6 +635,12 @@ def main(argv=None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # reported by the command's own parser: "gpvae export: error: ..."
+        given = list(sys.argv[1:] if argv is None else argv)
+        before = given[:given.index(args.command)] if args.command in given else []
+        if any(x in before for x in extra):
+            parser.commands[args.command].error(
+                f"{' '.join(x for x in extra if x in before)}: options go after the command "
+                f"(gpvae {args.command} [options])")
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     from .allocator import tune_cpu_allocator
 

@@ -26,10 +26,10 @@ from pathlib import Path
 import os
 import re
 
-from .checkpoint import atomic_write_text, json_text
+from .checkpoint import _TEMP_NAME, atomic_write_text, json_text
 from .devices import resolve_device
 from .errors import ConfigError
-from .grid.runs import RunSpec, read_json, run_one
+from .grid.runs import RunSpec, check_same_run, read_json, run_one
 from .models import parse_model_list, run_dir_name
 from .rundir import TrainConfig, check_out_path, check_seed
 
@@ -63,6 +63,9 @@ def check_compare_out(out) -> Path:
     for entry in sorted(os.listdir(out)):
         path = out / entry
         if entry in RESULT_FILES and path.is_file() and ours:
+            continue
+        temp = _TEMP_NAME.match(entry)  # what a kill while writing the results left behind
+        if temp and temp.group("target") in RESULT_FILES and path.is_file():
             continue
         if path.is_dir() and not path.is_symlink() and all(
                 _RUN_ENTRY.fullmatch(e) and (path / e).is_dir() for e in os.listdir(path)):
@@ -115,11 +118,13 @@ def compare(models, seeds, *, out, dataset="mnist", data_dir=None, epochs=20, la
     seeds = check_seeds(seeds)
     models = list(parse_model_list(models))  # canonical labels
     scores: dict[str, dict[int, dict]] = {}
-    for name, seed, run in compare_runs(models, seeds, out=out, dataset=dataset,
-                                        data_dir=data_dir, epochs=epochs,
-                                        latent_dim=latent_dim, limit_train=limit_train,
-                                        limit_test=limit_test, iwae_samples=iwae_samples,
-                                        device=str(device), model_options=model_options):
+    runs = compare_runs(models, seeds, out=out, dataset=dataset, data_dir=data_dir,
+                        epochs=epochs, latent_dim=latent_dim, limit_train=limit_train,
+                        limit_test=limit_test, iwae_samples=iwae_samples,
+                        device=str(device), model_options=model_options)
+    for _, _, run in runs:  # every earlier run checked before any is trained
+        check_same_run(run)
+    for name, seed, run in runs:
         outcome = run_one(run, progress=progress, log=log, raise_errors=True)
         if outcome["state"] != "done":  # pragma: no cover - raise_errors raises instead
             raise ConfigError(f"{run.run_dir}: {outcome['state']}")

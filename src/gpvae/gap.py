@@ -40,7 +40,8 @@ Estimates (:func:`amortization_gaps`), per instance, in nats:
 * log p^(x): the larger of two IWAE_K estimates (paper Sec. 10), each a stochastic lower
   bound on log p(x): with the run's q as proposal (through
   :func:`gpvae.evaluation.estimate`, exactly what ``gpvae evaluate --iwae-samples K --seed
-  SEED`` computes) and with q* as proposal.  A poor q (a large amortization gap) makes a
+  SEED`` computes -- on CUDA up to float rounding, where evaluate compiles by default) and
+  with q* as proposal.  A poor q (a large amortization gap) makes a
   poor proposal; IWAE with q alone can then fall below L[q*] and give a negative
   approximation gap.  (Where both IWAEs are loose, log p^(x) may still be below L[q*]; the
   summary counts those images.)

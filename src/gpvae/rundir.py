@@ -130,8 +130,9 @@ def is_run_dir(path: Path) -> bool:
 # --------------------------------------------------------------------------------------
 # What defines a run, and reading one back
 # --------------------------------------------------------------------------------------
-#: the largest seed a run, an evaluation or a comparison accepts (seeds are 0 .. 2^32 - 1)
-MAX_SEED = 2**32 - 1
+#: the largest seed a run, an evaluation or a comparison accepts (seeds are 0 .. 2^63 - 1,
+#: what torch.manual_seed takes as a signed 64-bit integer)
+MAX_SEED = 2**63 - 1
 
 
 def check_seed(value, flag: str) -> int:
@@ -253,12 +254,27 @@ def config_differences(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
         if k in MUTABLE_FIELDS or old[k] == new[k]:
             continue
         if k == "model_options" and old["model"] == new["model"]:
-            a, b = old[k], new[k]
+            a, b = (_with_defaults(old["model"], opts) for opts in (old[k], new[k]))
             out += [f"{k}.{o} {a.get(o, '(unset)')!r} -> {b.get(o, '(unset)')!r}"
                     for o in sorted(a.keys() | b.keys()) if a.get(o) != b.get(o)]
         else:
             out.append(f"{k} {old[k]!r} -> {new[k]!r}")
     return out
+
+
+def _with_defaults(model: str, options: dict) -> dict:
+    """``options`` (current names) with the model config's defaults filled in, so that an
+    option given at its default equals one left out."""
+    from dataclasses import MISSING
+
+    from .models import MODELS, current_options
+
+    if model not in MODELS:
+        return dict(options)
+    filled = {f.name: f.default for f in fields(MODELS[model].config_class)
+              if f.default is not MISSING}
+    filled.update(current_options(model, options))
+    return filled
 
 
 def run_progress(path) -> dict:

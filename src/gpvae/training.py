@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import math
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -272,6 +273,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
         return run_summary(out, {"history": history, "best": best}, cfg.epochs)
 
 
+#: what torch says when a distribution gets non-finite parameters (torch.normal's "std >=
+#: 0.0" check, argument validation's "found invalid values", nan / inf in a message)
+_NON_FINITE = re.compile(r"\bnan\b|\binf\b|invalid values|std >= 0", re.IGNORECASE)
+
+
 def run_summary(out: Path, meta: dict, epochs: int) -> dict:
     """What :func:`train` returns for the run in ``out``: from its ``history`` and ``best``
     (``meta``, as the last checkpoint stores them) and the epochs asked for."""
@@ -347,10 +353,17 @@ def finish_epoch(cfg, model, optimizer, splits, device, epoch: int, sums: dict, 
     out = Path(cfg.out)
     if not _finite_parameters(model):
         raise diverged_error("the weights became non-finite", f"epoch {epoch + 1}", out, epoch)
-    valid = estimate(model, splits.valid, samples=cfg.valid_samples, batch_size=500,
-                     device=device, seed=cfg.seed, progress=False,
-                     precision=cfg.precision,
-                     compile="on" if compiled else "off").summary()["test_elbo"]
+    try:
+        valid = estimate(model, splits.valid, samples=cfg.valid_samples, batch_size=500,
+                         device=device, seed=cfg.seed, progress=False,
+                         precision=cfg.precision,
+                         compile="on" if compiled else "off").summary()["test_elbo"]
+    except (RuntimeError, ValueError) as exc:  # finite weights, yet they overflow
+        if not _NON_FINITE.search(str(exc)):
+            raise
+        raise diverged_error("q(z|x) of the validation images became non-finite "
+                             f"({str(exc).splitlines()[0][:100]})", f"epoch {epoch + 1}", out,
+                             epoch) from None
     if math.isnan(valid):
         raise diverged_error("the validation ELBO became NaN", f"epoch {epoch + 1}", out, epoch)
     with torch.no_grad():

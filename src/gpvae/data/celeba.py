@@ -181,6 +181,24 @@ def read_cache(path: Path, key: dict) -> np.ndarray | None:
     return arr
 
 
+def _unkeyed_cache(path: Path, count: int) -> np.ndarray | None:
+    """A cache written before caches had keys, in a read-only directory (so it can neither
+    be rebuilt with a key nor replaced): used as it is when it holds ``count`` images, with
+    a warning that it cannot be checked against the JPEGs; else None."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(arr, np.ndarray) and arr.dtype == np.uint8
+            and arr.shape == (count, *SHAPE)):
+        return None
+    warnings.warn(f"CelebA: using {path} as it is: it was written before caches recorded "
+                  "what they were built from, and its directory is read-only, so it cannot "
+                  "be checked against the JPEGs or rebuilt (make the directory writable once "
+                  "to rebuild it with a key)", stacklevel=3)
+    return arr
+
+
 def write_cache(path: Path, arr: np.ndarray, key: dict) -> bool:
     """Atomically write ``arr`` to ``path``, then its key (``key`` plus the new file's size
     and modification time) to :data:`KEY_FILE` next to it; False (with a warning, and no
@@ -217,6 +235,9 @@ def load(data_dir: str | os.PathLike | None, *, progress: bool = True) -> tuple[
     cache = image_dir.parent / CACHE_FILE
     key = cache_key(paths)
     arr = read_cache(cache, key)
+    if arr is None and not (image_dir.parent / KEY_FILE).exists() \
+            and not os.access(image_dir.parent, os.W_OK):
+        arr = _unkeyed_cache(cache, key["count"])  # read-only: it could never be rebuilt
     if arr is None:
         arr = decode_all(paths, progress=progress,
                          desc=_DESC_STALE if cache.exists() else _DESC_NEW)

@@ -28,6 +28,7 @@ from pathlib import Path
 from ..checkpoint import atomic_write_text, json_text, read_checkpoint
 from ..errors import ConfigError, GpvaeError, describe
 from ..evaluation import estimate
+from ..likelihoods import EVAL_BINARIZATION_SEED
 from ..rundir import (CONFIG_FILE, LAST, LOCK_FILE, TrainConfig, config_differences,
                       load_run, read_config, run_progress, run_test_split)
 from ..training import train
@@ -70,7 +71,25 @@ def finished_eval(run: RunSpec) -> dict | None:
         return None
     want = {"epochs": run.cfg.epochs, "iwae_samples": run.iwae_samples,
             "limit_test": run.cfg.limit_test, "eval_seed": run.eval_seed}
+    if run.cfg.model_options.get("likelihood") == "bernoulli":
+        # scores written before every evaluation used the one fixed binarization (they used
+        # one seeded by eval_seed) are scored again, never mixed with today's
+        want["binarization_seed"] = EVAL_BINARIZATION_SEED
     return ev if all(ev.get(k) == v for k, v in want.items()) else None
+
+
+def check_same_run(run: RunSpec) -> None:
+    """Refuse (one-line ConfigError) ``run`` when its directory holds a run that trained
+    other settings (:func:`gpvae.rundir.config_differences`): its scores must never be
+    reported as this run's.  A directory with no finished epoch kept nothing: fine."""
+    d = run.run_dir
+    if (d / CONFIG_FILE).is_file() and _trained_epochs(d):
+        differ = config_differences(read_config(d), run.cfg)
+        if differ:
+            raise ConfigError(f"{d} holds a run trained with other settings "
+                              f"({'; '.join(differ)}); a rerun may add epochs, seeds, models "
+                              "or runs, not change what a run is: use another --out "
+                              "(nothing was changed)")
 
 
 def lock_held(run_dir) -> bool:
@@ -148,13 +167,7 @@ def _attempt(run: RunSpec, progress: bool, log) -> dict:
     from ..rundir import locked_run_dir
 
     d, cfg = run.run_dir, run.cfg
-    if (d / CONFIG_FILE).is_file() and _trained_epochs(d):  # an earlier run: this one?
-        differ = config_differences(read_config(d), cfg)
-        if differ:
-            raise ConfigError(f"{d} holds a run trained with other settings "
-                              f"({'; '.join(differ)}); a rerun may add epochs, seeds, models "
-                              "or runs, not change what a run is: use another --out "
-                              "(nothing was changed)")
+    check_same_run(run)
     ev = finished_eval(run)
     if ev is not None:
         return {"state": "done", "eval": ev, "error": None}
@@ -179,7 +192,8 @@ def _attempt(run: RunSpec, progress: bool, log) -> dict:
                   "model_options": cfg.model_options, "dataset": cfg.dataset,
                   "split_seed": cfg.split_seed, "seed": cfg.seed, "epochs": cfg.epochs,
                   "iwae_samples": run.iwae_samples, "limit_test": cfg.limit_test,
-                  "eval_seed": run.eval_seed, "best_epoch": meta["best"]["epoch"],
+                  "eval_seed": run.eval_seed, "binarization_seed": EVAL_BINARIZATION_SEED,
+                  "best_epoch": meta["best"]["epoch"],
                   "best_valid_elbo": meta["best"]["valid_elbo"],
                   "test_iwae": est["test_iwae"], "estimate": est}
             atomic_write_text(d / EVAL_FILE, json_text(ev, indent=2) + "\n")

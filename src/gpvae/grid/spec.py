@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..rundir import MAX_SEED
 
 #: the copy of the spec kept in the grid's output directory
 SPEC_COPY = "grid.toml"
@@ -195,7 +196,9 @@ def parse_spec(text: str, where: str = "spec") -> Grid:
     latent_dims = c.int_list(raw, "latent_dims", lo=1)
     c.unique("latent_dims", latent_dims)
     methods = c.methods(raw)
-    split_seeds = c.seeds(raw, "splits", "split_seeds", hi=None)
+    # a run's training seed is SEED_STRIDE * split + init: at most rundir.MAX_SEED
+    split_seeds = c.seeds(raw, "splits", "split_seeds",
+                          hi=(MAX_SEED - SEED_STRIDE + 1) // SEED_STRIDE)
     init_seeds = c.seeds(raw, "inits", "init_seeds", hi=SEED_STRIDE - 1)
     g = Grid(datasets=datasets, latent_dims=latent_dims, methods=methods,
              split_seeds=split_seeds, init_seeds=init_seeds, source=text, path=where)
