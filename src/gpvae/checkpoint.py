@@ -149,11 +149,20 @@ class OutputKind:
         return cls(description, matches)
 
 
+def _is_png(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _is_torch_export(path: Path) -> bool:
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/archive_format") for n in z.namelist())
+
+
 #: a PNG image (the figures of ``--png``)
-PNG = OutputKind("a PNG image", lambda p: open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n")
+PNG = OutputKind("a PNG image", _is_png)
 #: a torch.export archive (``gpvae export``'s .pt2)
-TORCH_EXPORT = OutputKind("a torch.export archive (.pt2)", lambda p: zipfile.is_zipfile(p) and any(
-    n.endswith("/archive_format") for n in zipfile.ZipFile(p).namelist()))
+TORCH_EXPORT = OutputKind("a torch.export archive (.pt2)", _is_torch_export)
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -168,6 +177,13 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
+def temp_target(name: str) -> str | None:
+    """The file a temporary of :func:`atomic_path` named ``name`` was to become, or None
+    when ``name`` is not such a temporary."""
+    m = _TEMP_NAME.match(name)
+    return m.group("target") if m else None
+
+
 def remove_orphan_temps(directory: str | os.PathLike, names) -> list[str]:
     """Remove the temporary files that a killed :func:`atomic_path` left in ``directory``
     for the targets ``names``; return what was removed.  Call it only while no other
@@ -175,8 +191,7 @@ def remove_orphan_temps(directory: str | os.PathLike, names) -> list[str]:
     removed = []
     names = set(names)
     for entry in os.scandir(directory):
-        m = _TEMP_NAME.match(entry.name)
-        if m and m.group("target") in names and entry.is_file(follow_symlinks=False):
+        if temp_target(entry.name) in names and entry.is_file(follow_symlinks=False):
             os.unlink(entry.path)
             removed.append(entry.name)
     return removed
@@ -251,8 +266,14 @@ def save_checkpoint(path, model: torch.nn.Module, meta: dict, optimizer=None) ->
             raise OSError(errno.EIO, one_line(exc)) from None
 
 
-def read_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
-    """Return (model tensors, optimizer tensors, meta).  Never unpickles."""
+def _invalid(path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(f"{path} is not a valid gpvae checkpoint (expected a safetensors file "
+                           f"written by gpvae; refusing to load it: {type(exc).__name__})")
+
+
+def read_checkpoint_meta(path) -> dict:
+    """A checkpoint's gpvae metadata (a dict), read from its header without loading its
+    tensors.  Never unpickles."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
@@ -261,16 +282,22 @@ def read_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tens
 
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
-        tensors = load_file(str(path))
         meta = json.loads(header[_META_KEY])
     except (SafetensorError, OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-        raise CheckpointError(
-            f"{path} is not a valid gpvae checkpoint (expected a safetensors file written by "
-            f"gpvae; refusing to load it: {type(exc).__name__})"
-        ) from None
+        raise _invalid(path, exc) from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path} is not a valid gpvae checkpoint (its metadata is not a "
                               "JSON object)")
+    return meta
+
+
+def read_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """Return (model tensors, optimizer tensors, meta).  Never unpickles."""
+    meta = read_checkpoint_meta(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _invalid(path, exc) from None
     model = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     optim = {k: v for k, v in tensors.items() if k.startswith("optim/")}
     return model, optim, meta

@@ -46,8 +46,11 @@ def _positive_float(text: str) -> float:
 
 positive_int = _int_at_least(1)
 nonneg_int = _int_at_least(0)
-#: every seed of every command: 0 .. 2^63 - 1 (:data:`gpvae.rundir.MAX_SEED`)
-seed_int = _int_at_least(0, 2**63 - 1)
+def seed_int(text: str) -> int:
+    """Every seed of every command: an integer 0 .. :data:`gpvae.rundir.MAX_SEED`."""
+    from .rundir import MAX_SEED
+
+    return _int_at_least(0, MAX_SEED)(text)
 
 
 def _model_option_fields():

@@ -21,7 +21,7 @@ from .evaluation import estimate
 from .models import parse_model_list, run_dir_name
 from .plots import reconstructions_and_samples
 from .errors import ConfigError
-from .rundir import CONFIG_FILE, LAST, TrainConfig, config_differences, load_run, read_config
+from .rundir import CONFIG_FILE, TrainConfig, load_run, settings_changed
 from .training import train
 from .uncertainty import instance_uncertainty
 
@@ -59,12 +59,11 @@ def run_demo(args) -> list[dict]:
                           epochs=args.epochs, seed=args.seed, limit_train=args.limit_train,
                           limit_test=args.limit_test, device=str(device))
         resume = (run_dir / CONFIG_FILE).is_file()
-        if resume and (run_dir / LAST).is_file():
-            differ = config_differences(read_config(run_dir), cfg)
-            if differ:
-                raise ConfigError(f"--out {out} holds a demo run of {name} made with other "
-                                  f"settings ({'; '.join(differ)}): rerun with those, or "
-                                  "choose another --out (nothing was changed)")
+        differ = settings_changed(run_dir, cfg)
+        if differ:
+            raise ConfigError(f"--out {out} holds a demo run of {name} made with other "
+                              f"settings ({'; '.join(differ)}): rerun with those, or choose "
+                              "another --out (nothing was changed)")
         print(f"[demo] training {name} on {args.limit_train} real MNIST images for "
               f"{args.epochs} epochs ({device}){' -- resuming' if resume else ''}")
         t0 = time.perf_counter()

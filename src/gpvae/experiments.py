@@ -21,12 +21,11 @@ and keeps its score in ``eval.json``.  Results go to
 from __future__ import annotations
 
 import math
-from pathlib import Path
-
 import os
 import re
+from pathlib import Path
 
-from .checkpoint import _TEMP_NAME, atomic_write_text, json_text
+from .checkpoint import atomic_write_text, json_text, temp_target
 from .devices import resolve_device
 from .errors import ConfigError
 from .grid.runs import RunSpec, check_same_run, read_json, run_one
@@ -64,8 +63,7 @@ def check_compare_out(out) -> Path:
         path = out / entry
         if entry in RESULT_FILES and path.is_file() and ours:
             continue
-        temp = _TEMP_NAME.match(entry)  # what a kill while writing the results left behind
-        if temp and temp.group("target") in RESULT_FILES and path.is_file():
+        if temp_target(entry) in RESULT_FILES and path.is_file():  # left by a kill mid-write
             continue
         if path.is_dir() and not path.is_symlink() and all(
                 _RUN_ENTRY.fullmatch(e) and (path / e).is_dir() for e in os.listdir(path)):

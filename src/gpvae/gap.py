@@ -358,9 +358,9 @@ def checkpoint_file_digest(run_dir, checkpoint: str) -> str:
     """:func:`gpvae.checkpoint.file_digest` of the run's ``best`` or ``last`` checkpoint:
     recorded with the gaps, so ``uncertainty --gap-csv`` knows they are this run's."""
     from .checkpoint import file_digest
-    from .rundir import BEST, LAST
+    from .rundir import checkpoint_path
 
-    return file_digest(Path(run_dir) / {"best": BEST, "last": LAST}[checkpoint])
+    return file_digest(checkpoint_path(run_dir, checkpoint))
 
 
 def gap_rows(gaps: dict, split: str, checkpoint: str, digest: str = "") -> list[dict]:
@@ -451,11 +451,10 @@ def check_gap_source(gap: dict, checkpoint: str, path, run_dir) -> None:
                           "its --limit-test")
 
 
-def check_gap_matches(gap: dict, n: int, checkpoint: str, path, run_dir) -> None:
+def check_gap_matches(gap: dict, n: int, path, run_dir) -> None:
     """Refuse (one-line :class:`~gpvae.errors.ConfigError`) a gap file that does not score
-    exactly the first ``n`` test images with checkpoint ``checkpoint``, saying how to make
-    them match."""
-    check_gap_source(gap, checkpoint, path, run_dir)
+    exactly the first ``n`` test images, saying how to make them match (its split and
+    checkpoint: :func:`check_gap_source`, checked first)."""
     if gap["index"] != list(range(n)):
         raise ConfigError(f"--gap-csv {path} holds {len(gap['index'])} test images "
                           f"({_index_range(gap['index'])}) but uncertainty scores {n} "

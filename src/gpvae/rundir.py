@@ -28,7 +28,7 @@ import contextlib
 import json
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from .devices import resolve_device
@@ -262,11 +262,19 @@ def config_differences(saved: TrainConfig, wanted: TrainConfig) -> list[str]:
     return out
 
 
+def settings_changed(run_dir, cfg: TrainConfig) -> list[str]:
+    """:func:`config_differences` between the run in ``run_dir`` and ``cfg`` when that run
+    has kept something (a finished epoch: its ``last.safetensors``), else [] -- a run that
+    kept nothing, or no run, may start with any settings."""
+    run_dir = Path(run_dir)
+    if not ((run_dir / CONFIG_FILE).is_file() and (run_dir / LAST).is_file()):
+        return []
+    return config_differences(read_config(run_dir), cfg)
+
+
 def _with_defaults(model: str, options: dict) -> dict:
     """``options`` (current names) with the model config's defaults filled in, so that an
     option given at its default equals one left out."""
-    from dataclasses import MISSING
-
     from .models import MODELS, current_options
 
     if model not in MODELS:
@@ -282,9 +290,9 @@ def run_progress(path) -> dict:
     finished ``epoch`` (an int >= 1), the per-epoch ``history`` (one dict per epoch) and the
     ``best`` epoch so far ({"epoch", "valid_elbo"}); anything else -- a damaged or
     hand-edited file -- is a one-line :class:`~gpvae.errors.CheckpointError`."""
-    from .checkpoint import read_checkpoint
+    from .checkpoint import read_checkpoint_meta
 
-    meta = read_checkpoint(path)[2]
+    meta = read_checkpoint_meta(path)
     epoch, history, best = meta.get("epoch"), meta.get("history"), meta.get("best")
     ok = (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1
           and isinstance(history, list) and len(history) == epoch
@@ -312,11 +320,16 @@ def load_run(run_dir, which: str = "best", device="cpu"):
 
     cfg = read_config(run_dir)
     model = build_from_config(cfg, IMAGE_SHAPES[cfg.dataset])
+    load_checkpoint(checkpoint_path(run_dir, which), model)
+    return model.to(device).eval(), cfg
+
+
+def checkpoint_path(run_dir, which: str) -> Path:
+    """The file of the run's ``best`` or ``last`` checkpoint (``--checkpoint``)."""
     name = {"best": BEST, "last": LAST}.get(which)
     if name is None:
         raise ConfigError(f"--checkpoint must be 'best' or 'last', got {which!r}")
-    load_checkpoint(Path(run_dir) / name, model)
-    return model.to(device).eval(), cfg
+    return Path(run_dir) / name
 
 
 def run_test_split(cfg: TrainConfig, data_dir=None, limit_test: int | None = None):

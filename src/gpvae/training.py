@@ -273,11 +273,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
         return run_summary(out, {"history": history, "best": best}, cfg.epochs)
 
 
-#: what torch says when a distribution gets non-finite parameters (torch.normal's "std >=
-#: 0.0" check, argument validation's "found invalid values", nan / inf in a message)
-_NON_FINITE = re.compile(r"\bnan\b|\binf\b|invalid values|std >= 0", re.IGNORECASE)
-
-
 def run_summary(out: Path, meta: dict, epochs: int) -> dict:
     """What :func:`train` returns for the run in ``out``: from its ``history`` and ``best``
     (``meta``, as the last checkpoint stores them) and the epochs asked for."""
@@ -331,6 +326,11 @@ def _train_epochs(cfg, model, optimizer, splits, device, out: Path, start_epoch:
     bar.close()
     if writer is not None:
         writer.close()
+
+
+#: what torch says when a distribution gets non-finite parameters (torch.normal's "std >=
+#: 0.0" check, argument validation's "found invalid values", nan / inf in a message)
+_NON_FINITE = re.compile(r"\bnan\b|\binf\b|invalid values|std >= 0", re.IGNORECASE)
 
 
 def finish_epoch(cfg, model, optimizer, splits, device, epoch: int, sums: dict, t0: float,

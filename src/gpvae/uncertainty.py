@@ -39,10 +39,10 @@ def instance_uncertainty(model, data, batch_size: int = 256, device="cpu",
     if not model.supports_uncertainty():
         raise UnsupportedError(f"model {type(model).__name__} has no per-instance uncertainty "
                                "(only the GPVAE defines Tr V(f(x)|D), Tr V(h(x)|D))")
-    out: dict[str, list] = {"tr_f": [], "tr_h": []}
-    bar = progress_bar(len(data), desc="uncertainty", unit="img", enabled=progress)
     from .evaluation import prepared_batches
 
+    out: dict[str, list] = {"tr_f": [], "tr_h": []}
+    bar = progress_bar(len(data), desc="uncertainty", unit="img", enabled=progress)
     with torch.inference_mode():
         # the images as evaluate and gap score them (a binary likelihood: binarized, the
         # encoder's inputs in training), so the uncertainty pairs with their gaps
@@ -188,7 +188,7 @@ def run_uncertainty(args) -> dict:
     if gap is not None:
         from .gap import check_gap_matches
 
-        check_gap_matches(gap, len(test), args.checkpoint, gap_csv, args.run_dir)
+        check_gap_matches(gap, len(test), gap_csv, args.run_dir)
     rows, summary, u = uncertainty_report(
         model, test, device=device, gap_samples=args.gap_samples, seed=args.seed,
         progress=not args.no_progress,

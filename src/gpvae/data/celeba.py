@@ -171,12 +171,19 @@ def read_cache(path: Path, key: dict) -> np.ndarray | None:
     if {k: v for k, v in stored.items() if k != "cache"} != key:
         return None
     try:
-        arr = np.load(path, allow_pickle=False)
+        return _cache_array(path, key["count"])
     except Exception as exc:
         warnings.warn(f"CelebA: ignoring unreadable cache {path} ({describe(exc)}); rebuilding",
                       stacklevel=3)
         return None
-    if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8 or arr.shape != (key["count"], *SHAPE):
+
+
+def _cache_array(path: Path, count: int) -> np.ndarray | None:
+    """The ``uint8`` array of ``count`` images in the cache ``path``, or None when it holds
+    something else (what :func:`numpy.load` raises propagates)."""
+    arr = np.load(path, allow_pickle=False)
+    if not (isinstance(arr, np.ndarray) and arr.dtype == np.uint8
+            and arr.shape == (count, *SHAPE)):
         return None
     return arr
 
@@ -186,11 +193,10 @@ def _unkeyed_cache(path: Path, count: int) -> np.ndarray | None:
     be rebuilt with a key nor replaced): used as it is when it holds ``count`` images, with
     a warning that it cannot be checked against the JPEGs; else None."""
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = _cache_array(path, count)
     except (OSError, ValueError):
         return None
-    if not (isinstance(arr, np.ndarray) and arr.dtype == np.uint8
-            and arr.shape == (count, *SHAPE)):
+    if arr is None:
         return None
     warnings.warn(f"CelebA: using {path} as it is: it was written before caches recorded "
                   "what they were built from, and its directory is read-only, so it cannot "

@@ -53,7 +53,7 @@ def grid_command(args) -> int:
     from ..rundir import check_out_path
     from .launchers import import_ray, make_executor, run_local, run_ray, submit_slurm
     from .report import to_markdown, write_report
-    from .status import format_status, grid_status
+    from .status import CHECKPOINT_ERROR, format_status, grid_status
 
     out = check_out_path(args.out)
     if args.spec is None:
@@ -71,9 +71,7 @@ def grid_command(args) -> int:
     runs = expand(g, out)
     progress = not args.no_progress
     if args.status:
-        st = grid_status(runs)
-        _hint_checkpoint_failures(st, runs)
-        print(format_status(st, out), end="")
+        print(format_status(grid_status(runs), out), end="")
         return 0
     if args.report:
         stored = stored_spec(out)
@@ -125,7 +123,7 @@ def grid_command(args) -> int:
     print(to_markdown(r), end="")
     echo(f"[grid] report written to {out / 'report'}/report.{{md,tex,csv,json}}")
     st = grid_status(runs)
-    for label, hint in _hint_checkpoint_failures(st, runs):
+    for label, hint in st["hints"].items():
         echo(f"[grid] {label} failed on its checkpoint ({CHECKPOINT_ERROR}); {hint}")
     echo(format_status(st, out).splitlines()[0])
     return 1 if st["totals"]["failed"] else 0
@@ -143,23 +141,3 @@ def _check_scored_alike(g: Grid, stored: Grid, out) -> None:
                 f"and would find none scored so (nothing was written): leave out the spec to "
                 f"report {out}/{SPEC_COPY}, or run gpvae grid {g.path} --out {out} to re-score "
                 "them")
-
-
-#: the error type (``error.json``) of a run whose checkpoint or run files cannot be used
-CHECKPOINT_ERROR = "CheckpointError"
-
-
-def _hint_checkpoint_failures(st: dict, runs) -> list:
-    """Add to each failure in ``st`` (:func:`~gpvae.grid.status.grid_status`) whose error
-    is a :class:`~gpvae.errors.CheckpointError` what to do: a rerun resumes from the same
-    damaged files and fails again, so the run's directory must go.  Returns those runs'
-    (label, the hint)."""
-    dirs = {run.label: run.run_dir for run in runs}
-    hinted = []
-    for i, (label, error) in enumerate(st["failed"]):
-        if error.startswith(CHECKPOINT_ERROR + ":"):
-            hint = (f"a rerun fails the same way (it cannot repair the run's files): delete "
-                    f"{dirs[label]} to train the run anew")
-            st["failed"][i] = (label, f"{error}; {hint}")
-            hinted.append((label, hint))
-    return hinted

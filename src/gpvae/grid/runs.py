@@ -29,8 +29,8 @@ from ..checkpoint import atomic_write_text, json_text, read_checkpoint
 from ..errors import ConfigError, GpvaeError, describe
 from ..evaluation import estimate
 from ..likelihoods import EVAL_BINARIZATION_SEED
-from ..rundir import (CONFIG_FILE, LAST, LOCK_FILE, TrainConfig, config_differences,
-                      load_run, read_config, run_progress, run_test_split)
+from ..rundir import (CONFIG_FILE, LAST, LOCK_FILE, TrainConfig, load_run, run_progress,
+                      run_test_split, settings_changed)
 from ..training import train
 
 EVAL_FILE = "eval.json"
@@ -82,14 +82,12 @@ def check_same_run(run: RunSpec) -> None:
     """Refuse (one-line ConfigError) ``run`` when its directory holds a run that trained
     other settings (:func:`gpvae.rundir.config_differences`): its scores must never be
     reported as this run's.  A directory with no finished epoch kept nothing: fine."""
-    d = run.run_dir
-    if (d / CONFIG_FILE).is_file() and _trained_epochs(d):
-        differ = config_differences(read_config(d), run.cfg)
-        if differ:
-            raise ConfigError(f"{d} holds a run trained with other settings "
-                              f"({'; '.join(differ)}); a rerun may add epochs, seeds, models "
-                              "or runs, not change what a run is: use another --out "
-                              "(nothing was changed)")
+    differ = settings_changed(run.run_dir, run.cfg)
+    if differ:
+        raise ConfigError(f"{run.run_dir} holds a run trained with other settings "
+                          f"({'; '.join(differ)}); a rerun may add epochs, seeds, models or "
+                          "runs, not change what a run is: use another --out (nothing was "
+                          "changed)")
 
 
 def lock_held(run_dir) -> bool:

@@ -28,21 +28,34 @@ def run_state(run: RunSpec) -> tuple[str, dict | None]:
     return "pending", None
 
 
+#: the error type (``error.json``) of a run whose checkpoint or run files cannot be used: a
+#: rerun resumes from the same damaged files and fails the same way
+CHECKPOINT_ERROR = "CheckpointError"
+
+
 def grid_status(runs) -> dict:
     """``{"cells": {(dataset, d, method): Counter of states}, "totals": Counter,
-    "failed": [(label, "Type: message")], "states": {label: state}}``."""
+    "failed": [(label, "Type: message")], "states": {label: state}, "hints": {label: what
+    to do}}``; a run that failed on its checkpoint (:data:`CHECKPOINT_ERROR`) gets the hint
+    to delete its directory, also appended to its failure."""
     cells: dict = {}
     totals: Counter = Counter()
-    failed, states = [], {}
+    failed, states, hints = [], {}, {}
     for run in runs:
         state, record = run_state(run)
         cells.setdefault(run.key[:3], Counter())[state] += 1
         totals[state] += 1
         states[run.label] = state
         if state == "failed":
-            failed.append((run.label, f"{record.get('type', 'Error')}: "
-                                      f"{record.get('error', '?')}"))
-    return {"cells": cells, "totals": totals, "failed": failed, "states": states}
+            kind = record.get("type", "Error")
+            error = f"{kind}: {record.get('error', '?')}"
+            if kind == CHECKPOINT_ERROR:
+                hints[run.label] = ("a rerun fails the same way (it cannot repair the run's "
+                                    f"files): delete {run.run_dir} to train the run anew")
+                error += f"; {hints[run.label]}"
+            failed.append((run.label, error))
+    return {"cells": cells, "totals": totals, "failed": failed, "states": states,
+            "hints": hints}
 
 
 def _bar(counts: Counter, width: int = 20) -> str:
