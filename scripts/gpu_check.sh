@@ -173,28 +173,29 @@ print('gpvae from', gpvae.__file__, '| pyro', pyro.__version__)
 
 # --- --options: compiled / fused / precision on the GPU (issue 11, items 2, 3) ---------------
 if [ "${OPTIONS:-0}" = 1 ]; then
-  # most wanted first: the issue's targets (MNIST and CIFAR-shaped q(z|x), training step,
-  # IWAE), then the precision rows, then a profile of where the GPVAE's time goes
   "$PY" scripts/gpu_check.py synthetic-cifar "$WORK/cifar" > /dev/null
   CIFAR=(--dataset cifar10 --data-dir "$WORK/cifar")
-  step "80-compile-check" "$BENCH_LIMIT" "$DEADLINE" "$PY" scripts/gpu_check.py compile --device "$DEV" --models vae,gpvae,gpvae+fused --latent-dim 50 --images 128 --iwae-samples 20
-  step "81-bench-inference-compile" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models vae,gpvae --compile both --fused-trunks both --device "$DEV" --repeats 5 --json
-  step "82-bench-train-compile" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train --latent-dim 50 --models vae,gpvae --compile both --fused-trunks both --device "$DEV" --steps 10 --repeats 5 --json
-  # the GPVAE's quadratic forms through dense factors (few large products) vs the blocked
-  # ones (many small products), compiled and fused as train runs on CUDA
+  # most wanted first (issue 11's open targets): the training step and q(z|x) with the
+  # GPVAE's quadratic forms dense vs blocked, compiled and fused as train/evaluate run on
+  # CUDA (MNIST and CIFAR-shaped); IWAE throughput under tf32 / bf16; then the compile
+  # check, the precision rows, the full compile x fuse tables and a profile
   step "82d-bench-train-dense" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train --latent-dim 50 --models vae,gpvae --compile on --fused-trunks on --gp-quadratic both --device "$DEV" --steps 10 --repeats 5 --json
-  step "83-bench-iwae-compile" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-iwae --model vae --images 5000 --compile both --device "$DEV" --json
-  step "84-bench-inference-cifar-compile" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference "${CIFAR[@]}" --latent-dim 50 --models vae,gpvae --compile both --fused-trunks both --device "$DEV" --repeats 5 --json
-  step "85-bench-train-cifar-compile" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train "${CIFAR[@]}" --latent-dim 50 --models vae,gpvae --compile both --fused-trunks both --device "$DEV" --steps 10 --repeats 5 --json
   step "85d-bench-train-cifar-dense" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train "${CIFAR[@]}" --latent-dim 50 --models vae,gpvae --compile on --fused-trunks on --gp-quadratic both --device "$DEV" --steps 10 --repeats 5 --json
   step "85e-bench-inference-dense" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models vae,gpvae --compile on --fused-trunks on --gp-quadratic both --device "$DEV" --repeats 5 --json
+  step "85f-bench-inference-cifar-dense" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference "${CIFAR[@]}" --latent-dim 50 --models vae,gpvae --compile on --fused-trunks on --gp-quadratic both --device "$DEV" --repeats 5 --json
   for P in tf32 bf16; do
     step "86-bench-iwae-$P" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-iwae --model vae --images 5000 --precision "$P" --compile both --device "$DEV" --json
   done
+  step "80-compile-check" "$BENCH_LIMIT" "$DEADLINE" "$PY" scripts/gpu_check.py compile --device "$DEV" --models vae,gpvae,gpvae+fused --latent-dim 50 --images 128 --iwae-samples 20
   for P in tf32 bf16; do
-    step "87-bench-inference-$P" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models vae,gpvae --precision "$P" --compile on --fused-trunks on --device "$DEV" --repeats 5 --json
-    step "88-bench-train-$P" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train --latent-dim 50 --models vae,gpvae --precision "$P" --compile on --fused-trunks on --device "$DEV" --steps 10 --repeats 5 --json
+    step "88-bench-train-$P" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train --latent-dim 50 --models vae,gpvae --precision "$P" --compile on --fused-trunks on --gp-quadratic both --device "$DEV" --steps 10 --repeats 5 --json
+    step "87-bench-inference-$P" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models vae,gpvae --precision "$P" --compile on --fused-trunks on --gp-quadratic both --device "$DEV" --repeats 5 --json
   done
+  step "83-bench-iwae-compile" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-iwae --model vae --images 5000 --compile both --device "$DEV" --json
+  step "81-bench-inference-compile" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models vae,gpvae --compile both --fused-trunks both --device "$DEV" --repeats 5 --json
+  step "84-bench-inference-cifar-compile" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference "${CIFAR[@]}" --latent-dim 50 --models vae,gpvae --compile both --fused-trunks both --device "$DEV" --repeats 5 --json
+  step "82-bench-train-compile" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train --latent-dim 50 --models vae,gpvae --compile both --fused-trunks both --device "$DEV" --steps 10 --repeats 5 --json
+  step "85-bench-train-cifar-compile" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train "${CIFAR[@]}" --latent-dim 50 --models vae,gpvae --compile both --fused-trunks both --device "$DEV" --steps 10 --repeats 5 --json
   step "89-profile-fused" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models vae,gpvae --fused-trunks on --device "$DEV" --repeats 2 --limit-test 1280 --profile
   echo
   echo "gpu_check: $(( $(date +%s) - START )) s in all; device $DEV; files in $OUT_DIR"
