@@ -96,9 +96,15 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
 
 
-def quantities(model, x: torch.Tensor, z: torch.Tensor, samples: int, seed: int) -> dict:
+def quantities(model, x: torch.Tensor, z: torch.Tensor, samples: int, seed: int,
+               max_batch_samples: int | None = None) -> dict:
     """Every compared quantity of ``model`` on images x (B, C, H, W) and latents z (B, d),
-    each from its own :class:`SameNoise` stream (``seed``, ``seed + 1``, ...)."""
+    each from its own :class:`SameNoise` stream (``seed``, ``seed + 1``, ...).
+
+    IWAE / ELBO decode ``max_batch_samples`` z's per call (default: all B x samples in one
+    call, on every device): the chunking decides which random numbers each image gets (a
+    mixture draws its components and its noise chunk by chunk), so the CPU and the device
+    must chunk alike -- the devices' own defaults differ (512 on a CPU, 10,000 on CUDA)."""
     from gpvae.data import ImageData
     from gpvae.devices import model_device_dtype
     from gpvae.evaluation import estimate
@@ -124,7 +130,8 @@ def quantities(model, x: torch.Tensor, z: torch.Tensor, samples: int, seed: int)
     out["gradient"] = torch.cat([g.flatten() for g in grads if g is not None])
     with SameNoise(seed + 2):
         est = estimate(model, ImageData(x.float().cpu()), samples=samples,
-                       batch_size=x.shape[0], seed=seed, device=device, progress=False)
+                       batch_size=x.shape[0], seed=seed, device=device, progress=False,
+                       max_batch_samples=max_batch_samples or x.shape[0] * samples)
     out["iwae"], out["elbo"] = est.iwae, est.elbo
     return {k: v.detach().cpu() for k, v in out.items()}
 

@@ -357,6 +357,31 @@ def test_fused_trunks_auto_on_cuda_where_there_are_trunks_and_on_refused_without
         assert apply_fused_trunks(gpvae, "auto", "cpu").fused_trunks is False  # unfused again
 
 
+def test_gp_quadratic_auto_is_dense_on_cuda_for_the_gpvae_and_dense_refused_without():
+    from gpvae.compiling import apply_gp_quadratic, dense_quadratic_enabled
+    from gpvae.models import build_model
+
+    vae, gpvae = build_model("vae", SHAPE, latent_dim=2), build_model("gpvae", SHAPE, latent_dim=2)
+    assert dense_quadratic_enabled("auto", "cuda", gpvae)
+    assert dense_quadratic_enabled("auto", "cuda:1", gpvae)
+    assert not dense_quadratic_enabled("auto", "cpu", gpvae)
+    assert not dense_quadratic_enabled("auto", "cuda", vae)
+    assert dense_quadratic_enabled("dense", "cpu", gpvae)
+    assert not dense_quadratic_enabled("blocked", "cuda", gpvae)
+    with pytest.raises(ConfigError, match="--gp-quadratic dense: VAE has no GP quadratic"):
+        apply_gp_quadratic(vae, "dense", "cpu")
+    with pytest.raises(ConfigError, match="--gp-quadratic must be one of blocked, dense, auto"):
+        dense_quadratic_enabled("both", "cpu", gpvae)
+    assert apply_gp_quadratic(vae, "auto", "cuda") is vae
+    x = images(3, dtype=torch.float32)
+    with torch.no_grad():
+        want = gpvae.posterior(x).variance
+        got = apply_gp_quadratic(gpvae, "dense", "cpu").posterior(x).variance
+        assert gpvae.dense_quadratic_forms is True
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert apply_gp_quadratic(gpvae, "auto", "cpu").dense_quadratic_forms is False
+
+
 def test_a_bad_compile_value_is_a_one_line_error_before_any_work(monkeypatch, capsys,
                                                                  tmp_path):
     calls = []
@@ -481,6 +506,36 @@ def test_train_and_evaluate_pass_fused_trunks_and_refuse_it_without_trunks(tmp_p
     err = capsys.readouterr().err.strip()
     assert "--fused-trunks on: VAE has no encoder trunks" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "v").exists()
+
+
+def test_train_and_evaluate_pass_gp_quadratic_and_refuse_dense_without_it(tmp_path, monkeypatch,
+                                                                         capsys):
+    """``--gp-quadratic`` reaches the model in train and evaluate (auto: blocked on a CPU;
+    dense: dense), and ``dense`` for a method without the quadratic forms is a one-line
+    error before any directory is made."""
+    from gpvae.models.gpvae import GPVAE
+
+    calls = []
+    real = GPVAE.use_dense_quadratic_forms
+    monkeypatch.setattr(GPVAE, "use_dense_quadratic_forms",
+                        lambda self, enabled=True: calls.append(enabled) or real(self, enabled))
+    common = ["--latent-dim", "2", "--limit-train", "40", "--batch-size", "8", "--epochs", "1",
+              "--device", "cpu", "--no-progress"]
+    assert main(["train", "--out", str(tmp_path / "g"), "--model", "gpvae", *common]) == 0
+    assert main(["train", "--out", str(tmp_path / "d"), "--model", "gpvae", *common,
+                 "--gp-quadratic", "dense"]) == 0
+    assert calls == [False, True]
+    assert main(["evaluate", str(tmp_path / "d"), "--iwae-samples", "2", "--limit-test", "4",
+                 "--device", "cpu", "--no-progress", "--gp-quadratic", "dense"]) == 0
+    assert main(["evaluate", str(tmp_path / "d"), "--iwae-samples", "2", "--limit-test", "4",
+                 "--device", "cpu", "--no-progress"]) == 0
+    assert calls == [False, True, True, False]
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "v"), "--model", "vae", *common,
+                 "--gp-quadratic", "dense"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "--gp-quadratic dense: VAE has no GP quadratic forms" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "v").exists()
 
 
 # --- wiring: the benchmarks -------------------------------------------------------------------

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .networks import DECODERS
     from .precision import PRECISION_HELP, PRECISIONS
     from .compiling import (BENCH_COMPILE_CHOICES, COMPILE_CHOICES, COMPILE_HELP, FUSED_CHOICES,
-                            FUSED_HELP)
+                            FUSED_HELP, GP_QUADRATIC_CHOICES, GP_QUADRATIC_HELP)
 
     parser = _Parser(prog="gpvae", description=(
         "Train and evaluate VAEs with amortized inference networks, including the GPVAE "
@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused-trunks", choices=FUSED_CHOICES, default="auto",
                    help=FUSED_HELP + " (default auto; an execution option, not stored in the "
                    "run)")
+    p.add_argument("--gp-quadratic", choices=GP_QUADRATIC_CHOICES, default="auto",
+                   help=GP_QUADRATIC_HELP + " (default auto; an execution option, not stored "
+                   "in the run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     group = p.add_argument_group("method-specific options")
     for name, (f, owners) in _model_option_fields().items():
@@ -175,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=COMPILE_HELP + " (default auto)")
     p.add_argument("--fused-trunks", choices=FUSED_CHOICES, default="auto",
                    help=FUSED_HELP + " (default auto)")
+    p.add_argument("--gp-quadratic", choices=GP_QUADRATIC_CHOICES, default="auto",
+                   help=GP_QUADRATIC_HELP + " (default auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -506,7 +511,7 @@ def cmd_train(args) -> int:
     cfg = _train_config(args)
     summary = train(cfg, resume=args.resume, progress=not args.no_progress,
                     log=lambda m: print(m, file=sys.stderr), compile=args.compile,
-                    fused_trunks=args.fused_trunks)
+                    fused_trunks=args.fused_trunks, gp_quadratic=args.gp_quadratic)
     print(f"trained {cfg.model} on {cfg.dataset} for {summary['epochs']} epochs: best validation "
           f"ELBO {summary['best_valid_elbo']:.2f} at epoch {summary['best_epoch']}; "
           f"run directory {summary['run_dir']}")
@@ -514,7 +519,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .compiling import apply_fused_trunks
+    from .compiling import apply_fused_trunks, apply_gp_quadratic
     from .devices import resolve_device
     from .evaluation import estimate
     from .rundir import load_run, read_config, run_test_split
@@ -526,6 +531,7 @@ def cmd_evaluate(args) -> int:
     cfg = read_config(args.run_dir)
     model, cfg = load_run(args.run_dir, args.checkpoint, device)
     apply_fused_trunks(model, args.fused_trunks, device)
+    apply_gp_quadratic(model, args.gp_quadratic, device)
     test = run_test_split(cfg, args.data_dir, args.limit_test)
     est = estimate(model, test, samples=args.iwae_samples, batch_size=args.batch_size,
                    device=device, seed=args.seed, progress=not args.no_progress,

@@ -147,6 +147,40 @@ def apply_fused_trunks(model, option, device):
     return model
 
 
+#: the values of ``--gp-quadratic`` in train and evaluate (the benchmarks: blocked, dense, both)
+GP_QUADRATIC_CHOICES = ("blocked", "dense", "auto")
+GP_QUADRATIC_HELP = ("GPVAE: how its 2d quadratic forms psi^T Sigma_j psi (eq. 13) are "
+                     "computed -- blocked (the stored column blocks of the Cholesky factors "
+                     "read in place: many small products, half the arithmetic) or dense "
+                     "(the factors formed on every call: a few large products); the same "
+                     "numbers up to float rounding.  auto: dense on CUDA (measured faster "
+                     "there, docs/benchmarks.md), blocked on a CPU; methods without the "
+                     "quadratic forms ignore auto")
+
+
+def dense_quadratic_enabled(option, device, model) -> bool:
+    """Whether ``--gp-quadratic OPTION`` computes ``model``'s quadratic forms through dense
+    factors on ``device``: "blocked" no; "auto" on CUDA where the method has them; "dense"
+    yes, and a one-line :class:`~gpvae.errors.ConfigError` for a method that has none."""
+    option = check_compile_option(option, GP_QUADRATIC_CHOICES, "--gp-quadratic")
+    can = model.supports_dense_quadratic_forms()
+    if option == "dense" and not can:
+        raise ConfigError(f"--gp-quadratic dense: {type(model).__name__} has no GP quadratic "
+                          "forms (only the GPVAE does); use blocked or auto")
+    if option == "auto":
+        return can and torch.device(device).type == "cuda"
+    return option == "dense"
+
+
+def apply_gp_quadratic(model, option, device):
+    """``model`` with its quadratic forms dense or blocked as ``--gp-quadratic OPTION`` says
+    on ``device`` (:func:`dense_quadratic_enabled`); a model without them is unchanged."""
+    dense = dense_quadratic_enabled(option, device, model)  # "dense" without them is refused
+    if model.supports_dense_quadratic_forms():
+        model.use_dense_quadratic_forms(dense)
+    return model
+
+
 def compile_options(device) -> dict:
     """inductor's options: its own random numbers off (``fallback_random``: the eager
     generator, the eager draws), and CUDA graphs on CUDA (= mode "reduce-overhead")."""

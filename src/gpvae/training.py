@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from .compiling import TrainingStep, apply_fused_trunks, check_compile_option, compile_enabled
+from .compiling import (TrainingStep, apply_fused_trunks, apply_gp_quadratic, check_compile_option,
+                        compile_enabled)
 from .checkpoint import (atomic_write_text, load_checkpoint, remove_orphan_temps,
                          save_checkpoint)
 from .devices import resolve_device
@@ -187,7 +188,7 @@ def load_training_splits(cfg: TrainConfig):
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print,
-          compile="auto", fused_trunks="auto") -> dict:
+          compile="auto", fused_trunks="auto", gp_quadratic="auto") -> dict:
     """Train (or resume) a run; return the final summary (best epoch and its valid ELBO).
 
     Everything that can be checked is checked before the first step: the options, the
@@ -200,9 +201,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     starts it from the beginning.  ``compile``: ``--compile`` off, on or auto
     (:mod:`gpvae.compiling`: training steps and validation as compiled graphs; auto: on
     CUDA for the methods measured to gain); ``fused_trunks``: ``--fused-trunks`` off, on
-    or auto (the GPVAE's three trunks as one network; auto: on CUDA).  Both are execution
-    options, not stored in config.json, so a run may resume with others (the steps are the
-    same up to float rounding).
+    or auto (the GPVAE's three trunks as one network; auto: on CUDA); ``gp_quadratic``:
+    ``--gp-quadratic`` blocked, dense or auto (the GPVAE's quadratic forms; auto: dense on
+    CUDA).  All are execution options, not stored in config.json, so a run may resume with
+    others (the steps are the same up to float rounding).
     """
     from .data import IMAGE_SHAPES
 
@@ -219,6 +221,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     model = build_from_config(cfg, IMAGE_SHAPES[cfg.dataset]).to(device)
     compiled = compile_enabled(compile, device, model)
     apply_fused_trunks(model, fused_trunks, device)
+    apply_gp_quadratic(model, gp_quadratic, device)
     if compiled:
         log(f"note: compiling {cfg.model}'s training step and evaluation (--compile "
             f"{compile}); the first steps take longer (--compile off runs eagerly)")
