@@ -175,28 +175,30 @@ print('gpvae from', gpvae.__file__, '| pyro', pyro.__version__)
 if [ "${OPTIONS:-0}" = 1 ]; then
   "$PY" scripts/gpu_check.py synthetic-cifar "$WORK/cifar" > /dev/null
   CIFAR=(--dataset cifar10 --data-dir "$WORK/cifar")
-  # most wanted first (issue 11's open targets): the training step and q(z|x) with the
-  # GPVAE's quadratic forms dense vs blocked, compiled and fused as train/evaluate run on
-  # CUDA (MNIST and CIFAR-shaped); IWAE throughput under tf32 / bf16; then the compile
-  # check, the precision rows, the full compile x fuse tables and a profile
+  # most wanted first (issue 11, after the H200 session: docs/benchmarks.md): the bf16
+  # training step compiled (its fix, timed), q(z|x) and the step under tf32 with both
+  # quadratic forms (MNIST and CIFAR-shaped q(z|x): the target still missed), bf16 q(z|x);
+  # then the fp32 dense-vs-blocked rows, the compile check, IWAE under tf32 / bf16, the
+  # full compile x fuse tables and a profile of the compiled path's eager twin
+  step "88-bench-train-bf16" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train --latent-dim 50 --models vae,gpvae --precision bf16 --compile on --fused-trunks on --gp-quadratic both --device "$DEV" --steps 10 --repeats 5 --json
+  step "87-bench-inference-tf32" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models vae,gpvae --precision tf32 --compile on --fused-trunks on --gp-quadratic both --device "$DEV" --repeats 5 --json
+  step "87c-bench-inference-cifar-tf32" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference "${CIFAR[@]}" --latent-dim 50 --models vae,gpvae --precision tf32 --compile on --fused-trunks on --gp-quadratic both --device "$DEV" --repeats 5 --json
+  step "88-bench-train-tf32" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train --latent-dim 50 --models vae,gpvae --precision tf32 --compile on --fused-trunks on --gp-quadratic both --device "$DEV" --steps 10 --repeats 5 --json
+  step "87-bench-inference-bf16" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models vae,gpvae --precision bf16 --compile on --fused-trunks on --gp-quadratic both --device "$DEV" --repeats 5 --json
   step "82d-bench-train-dense" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train --latent-dim 50 --models vae,gpvae --compile on --fused-trunks on --gp-quadratic both --device "$DEV" --steps 10 --repeats 5 --json
   step "85d-bench-train-cifar-dense" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train "${CIFAR[@]}" --latent-dim 50 --models vae,gpvae --compile on --fused-trunks on --gp-quadratic both --device "$DEV" --steps 10 --repeats 5 --json
   step "85e-bench-inference-dense" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models vae,gpvae --compile on --fused-trunks on --gp-quadratic both --device "$DEV" --repeats 5 --json
   step "85f-bench-inference-cifar-dense" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference "${CIFAR[@]}" --latent-dim 50 --models vae,gpvae --compile on --fused-trunks on --gp-quadratic both --device "$DEV" --repeats 5 --json
-  for P in tf32 bf16; do
-    step "86-bench-iwae-$P" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-iwae --model vae --images 5000 --precision "$P" --compile both --device "$DEV" --json
-  done
   step "80-compile-check" "$BENCH_LIMIT" "$DEADLINE" "$PY" scripts/gpu_check.py compile --device "$DEV" --models vae,gpvae,gpvae+fused --latent-dim 50 --images 128 --iwae-samples 20
   for P in tf32 bf16; do
-    step "88-bench-train-$P" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train --latent-dim 50 --models vae,gpvae --precision "$P" --compile on --fused-trunks on --gp-quadratic both --device "$DEV" --steps 10 --repeats 5 --json
-    step "87-bench-inference-$P" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models vae,gpvae --precision "$P" --compile on --fused-trunks on --gp-quadratic both --device "$DEV" --repeats 5 --json
+    step "86-bench-iwae-$P" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-iwae --model vae --images 5000 --precision "$P" --compile both --device "$DEV" --json
   done
   step "83-bench-iwae-compile" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-iwae --model vae --images 5000 --compile both --device "$DEV" --json
   step "81-bench-inference-compile" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models vae,gpvae --compile both --fused-trunks both --device "$DEV" --repeats 5 --json
   step "84-bench-inference-cifar-compile" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference "${CIFAR[@]}" --latent-dim 50 --models vae,gpvae --compile both --fused-trunks both --device "$DEV" --repeats 5 --json
   step "82-bench-train-compile" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train --latent-dim 50 --models vae,gpvae --compile both --fused-trunks both --device "$DEV" --steps 10 --repeats 5 --json
   step "85-bench-train-cifar-compile" "$BENCH_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-train "${CIFAR[@]}" --latent-dim 50 --models vae,gpvae --compile both --fused-trunks both --device "$DEV" --steps 10 --repeats 5 --json
-  step "89-profile-fused" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models vae,gpvae --fused-trunks on --device "$DEV" --repeats 2 --limit-test 1280 --profile
+  step "89-profile-fused" "$SMALL_LIMIT" "$DEADLINE" "${GPVAE[@]}" bench-inference --latent-dim 50 --models vae,gpvae --fused-trunks on --gp-quadratic dense --device "$DEV" --repeats 2 --limit-test 1280 --profile
   echo
   echo "gpu_check: $(( $(date +%s) - START )) s in all; device $DEV; files in $OUT_DIR"
   "$PY" scripts/gpu_check.py summary "$WORK/steps.tsv" --out-dir "$OUT_DIR"

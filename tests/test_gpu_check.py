@@ -86,6 +86,7 @@ def test_options_mode_runs_only_the_execution_option_steps(tmp_path):
                              "86-bench-iwae-bf16",
                              "86-bench-iwae-tf32",
                              "87-bench-inference-bf16", "87-bench-inference-tf32",
+                             "87c-bench-inference-cifar-tf32",
                              "88-bench-train-bf16", "88-bench-train-tf32", "89-profile-fused"]
 
 
