@@ -124,18 +124,26 @@ def compile_enabled(option, device, model=None) -> bool:
     return option == "on"
 
 
+def _cuda_switch(option, device, can: bool, flag: str, choices, on: str, refusal: str) -> bool:
+    """An execution switch of a capability the method may lack (``can``): ``flag``'s
+    ``option`` checked against ``choices``; ``on`` yes, and a one-line
+    :class:`~gpvae.errors.ConfigError` (``flag on: refusal``) without the capability;
+    "auto" on CUDA where the method has it; anything else no."""
+    option = check_compile_option(option, choices, flag)
+    if option == on and not can:
+        raise ConfigError(f"{flag} {on}: {refusal}")
+    if option == "auto":
+        return can and torch.device(device).type == "cuda"
+    return option == on
+
+
 def fused_trunks_enabled(option, device, model) -> bool:
     """Whether ``--fused-trunks OPTION`` fuses ``model``'s trunks on ``device``: "off" no;
     "auto" on CUDA where the method has trunks to fuse; "on" yes, and a one-line
     :class:`~gpvae.errors.ConfigError` for a method that has none."""
-    option = check_compile_option(option, FUSED_CHOICES, "--fused-trunks")
-    can = model.supports_fused_trunks()
-    if option == "on" and not can:
-        raise ConfigError(f"--fused-trunks on: {type(model).__name__} has no encoder trunks "
-                          "to fuse (only the GPVAE does); use off or auto")
-    if option == "auto":
-        return can and torch.device(device).type == "cuda"
-    return option == "on"
+    return _cuda_switch(option, device, model.supports_fused_trunks(), "--fused-trunks",
+                        FUSED_CHOICES, "on", f"{type(model).__name__} has no encoder trunks "
+                        "to fuse (only the GPVAE does); use off or auto")
 
 
 def apply_fused_trunks(model, option, device):
@@ -162,14 +170,10 @@ def dense_quadratic_enabled(option, device, model) -> bool:
     """Whether ``--gp-quadratic OPTION`` computes ``model``'s quadratic forms through dense
     factors on ``device``: "blocked" no; "auto" on CUDA where the method has them; "dense"
     yes, and a one-line :class:`~gpvae.errors.ConfigError` for a method that has none."""
-    option = check_compile_option(option, GP_QUADRATIC_CHOICES, "--gp-quadratic")
-    can = model.supports_dense_quadratic_forms()
-    if option == "dense" and not can:
-        raise ConfigError(f"--gp-quadratic dense: {type(model).__name__} has no GP quadratic "
-                          "forms (only the GPVAE does); use blocked or auto")
-    if option == "auto":
-        return can and torch.device(device).type == "cuda"
-    return option == "dense"
+    return _cuda_switch(option, device, model.supports_dense_quadratic_forms(),
+                        "--gp-quadratic", GP_QUADRATIC_CHOICES, "dense",
+                        f"{type(model).__name__} has no GP quadratic forms (only the GPVAE "
+                        "does); use blocked or auto")
 
 
 def apply_gp_quadratic(model, option, device):
