@@ -51,7 +51,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .onednn import linear_kernel, onednn_applies
-from .precision import fp32_backward, fp32_function  # FP32 islands under autocast (gpvae.precision)
+from .precision import fp32_function  # FP32 islands under autocast (gpvae.precision)
 
 
 # --------------------------------------------------------------------------------------
@@ -267,7 +267,7 @@ class _BlockedCholeskyQuadratic(torch.autograd.Function):
         ctx.block = block
 
     @staticmethod
-    @fp32_backward
+    @fp32_function
     @once_differentiable
     def backward(ctx, grad_q, grad_frob, *_):
         psi, diag, blocks, dg, proj, mask = ctx.saved_tensors
@@ -393,7 +393,7 @@ class _StackedBlockedCholeskyQuadratic(torch.autograd.Function):
         _BlockedCholeskyQuadratic.setup_context(ctx, inputs, output)  # the same saved tensors
 
     @staticmethod
-    @fp32_backward
+    @fp32_function
     @once_differentiable
     def backward(ctx, grad_q, grad_frob, *_):
         psi, diag, blocks, dg, proj, mask = ctx.saved_tensors
@@ -507,7 +507,7 @@ class _BlockedFrobenius(torch.autograd.Function):
         ctx.block = block
 
     @staticmethod
-    @fp32_backward
+    @fp32_function
     @once_differentiable
     def backward(ctx, grad):
         log_diag, blocks, mask = ctx.saved_tensors

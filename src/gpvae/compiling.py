@@ -399,6 +399,17 @@ def _training_loss(model, x, n_train: int):
     return -upcast(objective).mean(), diag
 
 
+def _training_loss_under(precision: str, device) -> Callable:
+    """:func:`_training_loss` under ``precision``'s autocast, entered *inside* the function
+    (so inside a compiled graph): compiled with autocast entered around it, AOT autograd
+    traced the backward of the FP32 islands' plain operations under the outer autocast, in
+    bfloat16 -- the eager step's gradients were float32 there."""
+    def _autocast_training_loss(model, x, n_train: int):
+        with autocast_context(precision, device):
+            return _training_loss(model, x, n_train)
+    return _autocast_training_loss
+
+
 class TrainingStep:
     """One training step's forward and backward pass: ``step(x)`` zeroes the gradients,
     computes ``loss = -mean(model.training_objective(x, n_train))`` (the objective under
@@ -419,17 +430,16 @@ class TrainingStep:
             (log or warn)(f"note: --compile: the training step of {type(model).__name__} "
                           "cannot be one graph (autograd or Python control flow inside "
                           "it) and runs eagerly")
-        elif enabled:
-            self.runner = fallback(_training_loss, f"the training step of "
-                                   f"{type(model).__name__}", self.device, log, new_step=True,
-                                   wrap=self._with_backward)
-        self._eager = self._with_backward(_training_loss)
+        loss = _training_loss_under(precision, self.device)
+        if enabled and model.packable():
+            self.runner = fallback(loss, f"the training step of {type(model).__name__}",
+                                   self.device, log, new_step=True, wrap=self._with_backward)
+        self._eager = self._with_backward(loss)
 
     def _with_backward(self, forward: Callable) -> Callable:
         def step(model, x, n_train):
             self.optimizer.zero_grad(set_to_none=True)
-            with autocast_context(self.precision, self.device):
-                loss, diag = forward(model, x, n_train)
+            loss, diag = forward(model, x, n_train)
             loss.backward()
             return loss, diag
         return step

@@ -201,33 +201,5 @@ def fp32_function(fn):
     return wrapper
 
 
-def fp32_backward(fn):
-    """Decorator for the ``backward`` of a custom :class:`torch.autograd.Function` whose
-    forward is an FP32 island: run it with autocast off for the device of its first tensor
-    argument (a gradient), always, and its float16 / bfloat16 tensor arguments cast to
-    float32.
-
-    Eagerly this changes nothing (``loss.backward()`` runs outside autocast).  It is there
-    for ``torch.compile``: AOT autograd traces the backward with the forward's autocast in
-    effect while ``torch.is_autocast_enabled`` reports False, so :func:`fp32_function`'s
-    check does not see it and the traced backward mixed bfloat16 and float32 operands
-    ("self and mat2 must have the same dtype"): the GPVAE's compiled bf16 training step
-    could not compile and ran eagerly."""
-    @functools.wraps(fn)
-    def wrapper(ctx, *args):
-        ref = _first_tensor(args)
-        if ref is None:
-            return fn(ctx, *args)
-        try:
-            off = torch.autocast(ref.device.type, enabled=False)
-        except (RuntimeError, ValueError):  # a device type autocast does not know
-            return fn(ctx, *args)
-        with off:
-            return fn(ctx, *(_upcast_arg(a) for a in args))
-
-    return wrapper
-
-
 __all__ = ["PRECISIONS", "PRECISION_HELP", "autocast_context", "autocast_enabled",
-           "check_precision", "cuda_tf32", "fp32_backward", "fp32_function",
-           "precision_context", "upcast"]
+           "check_precision", "cuda_tf32", "fp32_function", "precision_context", "upcast"]
