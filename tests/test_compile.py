@@ -521,18 +521,29 @@ def test_train_and_evaluate_compile_and_resume_exactly(tmp_path, monkeypatch, ca
     assert results[1]["test_iwae"] == pytest.approx(results[0]["test_iwae"], rel=1e-5)
 
 
+#: a tiny `gpvae train` (one epoch of 40 images on the CPU)
+_TINY_TRAIN = ["--latent-dim", "2", "--limit-train", "40", "--batch-size", "8", "--epochs", "1",
+               "--device", "cpu", "--no-progress"]
+
+
+def _spy_on_gpvae(monkeypatch, switch: str) -> list:
+    """The values each call of the GPVAE's execution switch ``switch`` (``fuse_trunks``,
+    ``use_dense_quadratic_forms``) receives, in order; the switch still does its work."""
+    from gpvae.models.gpvae import GPVAE
+
+    calls = []
+    real = getattr(GPVAE, switch)
+    monkeypatch.setattr(GPVAE, switch,
+                        lambda self, enabled=True: calls.append(enabled) or real(self, enabled))
+    return calls
+
+
 def test_train_and_evaluate_pass_fused_trunks_and_refuse_it_without_trunks(tmp_path, monkeypatch,
                                                                           capsys):
     """``--fused-trunks`` reaches the model in train and evaluate (auto: unfused on a CPU;
     on: fused), and ``on`` for a method without trunks is a one-line error."""
-    from gpvae.models.gpvae import GPVAE
-
-    calls = []
-    real = GPVAE.fuse_trunks
-    monkeypatch.setattr(GPVAE, "fuse_trunks",
-                        lambda self, enabled=True: calls.append(enabled) or real(self, enabled))
-    common = ["--latent-dim", "2", "--limit-train", "40", "--batch-size", "8", "--epochs", "1",
-              "--device", "cpu", "--no-progress"]
+    calls = _spy_on_gpvae(monkeypatch, "fuse_trunks")
+    common = _TINY_TRAIN
     assert main(["train", "--out", str(tmp_path / "g"), "--model", "gpvae", *common]) == 0
     assert main(["train", "--out", str(tmp_path / "f"), "--model", "gpvae", *common,
                  "--fused-trunks", "on"]) == 0
@@ -554,14 +565,8 @@ def test_train_and_evaluate_pass_gp_quadratic_and_refuse_dense_without_it(tmp_pa
     """``--gp-quadratic`` reaches the model in train and evaluate (auto: blocked on a CPU;
     dense: dense), and ``dense`` for a method without the quadratic forms is a one-line
     error before any directory is made."""
-    from gpvae.models.gpvae import GPVAE
-
-    calls = []
-    real = GPVAE.use_dense_quadratic_forms
-    monkeypatch.setattr(GPVAE, "use_dense_quadratic_forms",
-                        lambda self, enabled=True: calls.append(enabled) or real(self, enabled))
-    common = ["--latent-dim", "2", "--limit-train", "40", "--batch-size", "8", "--epochs", "1",
-              "--device", "cpu", "--no-progress"]
+    calls = _spy_on_gpvae(monkeypatch, "use_dense_quadratic_forms")
+    common = _TINY_TRAIN
     assert main(["train", "--out", str(tmp_path / "g"), "--model", "gpvae", *common]) == 0
     assert main(["train", "--out", str(tmp_path / "d"), "--model", "gpvae", *common,
                  "--gp-quadratic", "dense"]) == 0

@@ -236,10 +236,9 @@ def _variants(args) -> list[tuple[str, str, bool | str, bool, bool]]:
 def _variant_models(name: str, model, variants) -> list[tuple[str, str, object, bool, bool,
                                                               bool]]:
     """(row, its reference VAE row, model, compiled, fused, dense) for each of
-    :func:`_variants`: the
-    first row runs ``model`` itself, the others copies (the same weights); fused trunks and
-    dense quadratic forms only for a model that has them (the GPVAE), which gets no
-    ``+fused`` or ``+dense`` row otherwise."""
+    :func:`_variants`: the first row runs ``model`` itself, the others copies (the same
+    weights); fused trunks and dense quadratic forms only for a model that has them (the
+    GPVAE), which gets no ``+fused`` or ``+dense`` row otherwise."""
     can_fuse = model.supports_fused_trunks()
     can_densify = model.supports_dense_quadratic_forms()
     device = model_device_dtype(model)[0]

@@ -46,6 +46,8 @@ def _positive_float(text: str) -> float:
 
 positive_int = _int_at_least(1)
 nonneg_int = _int_at_least(0)
+
+
 def seed_int(text: str) -> int:
     """Every seed of every command: an integer 0 .. :data:`gpvae.rundir.MAX_SEED`."""
     from .rundir import MAX_SEED

@@ -424,14 +424,13 @@ class TrainingStep:
 
         self.model, self.optimizer, self.n_train = model, optimizer, n_train
         self.device = torch.device(device) if device is not None else model_device_dtype(model)[0]
-        self.precision = precision
         self.runner = None
+        loss = _training_loss_under(precision, self.device)
         if enabled and not model.packable():
             (log or warn)(f"note: --compile: the training step of {type(model).__name__} "
                           "cannot be one graph (autograd or Python control flow inside "
                           "it) and runs eagerly")
-        loss = _training_loss_under(precision, self.device)
-        if enabled and model.packable():
+        elif enabled:
             self.runner = fallback(loss, f"the training step of {type(model).__name__}",
                                    self.device, log, new_step=True, wrap=self._with_backward)
         self._eager = self._with_backward(loss)
